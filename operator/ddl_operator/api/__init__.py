@@ -1,0 +1,1 @@
+"""The DDLJob API: typed models that are the single source of truth for the CRD."""

@@ -1,0 +1,315 @@
+"""Pydantic models of the DDLJob spec and status; the CRD schema is generated from these."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from ddl_operator.api import constants as c
+
+# A Kubernetes label key: optional DNS-subdomain prefix and "/", then a name of at most 63 chars.
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One CEL validation rule for the CRD (x-kubernetes-validations)."""
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+class ApiModel(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class Elastic(ApiModel):
+    """The range of workers a job may run with while it loses and regains capacity."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.minReplicas <= self.maxReplicas",
+                    "minReplicas must be <= maxReplicas",
+                    ".minReplicas",
+                )
+            ]
+        }
+    )
+
+    min_replicas: int = Field(ge=1, description="Fewest workers the job runs with.")
+    max_replicas: int = Field(ge=1, description="Most workers the job grows to.")
+    rendezvous_timeout_seconds: int = Field(
+        default=300,
+        ge=10,
+        description="How long workers wait for a new membership before the agent gives up.",
+    )
+    wait_for_capacity_seconds: int = Field(
+        default=1800,
+        ge=0,
+        description="How long a job below minReplicas waits for capacity before it fails "
+        "(0 waits forever).",
+    )
+
+
+class Topology(ApiModel):
+    """Which node labels describe the network's tiers, innermost first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    f"self.levels[0] == '{c.LABEL_HOSTNAME}'",
+                    f"levels must start with {c.LABEL_HOSTNAME} (the node level)",
+                    ".levels",
+                ),
+                cel(
+                    "!has(self.required) || self.required in self.levels",
+                    "required must be one of levels",
+                    ".required",
+                ),
+            ]
+        }
+    )
+
+    levels: list[str] = Field(
+        default_factory=lambda: list(c.DEFAULT_TOPOLOGY_LEVELS),
+        min_length=1,
+        max_length=8,
+        description="Node label keys from the innermost tier (the node) outwards, e.g. "
+        "node, NVLink domain, rack, zone. Ranks are ordered so that each tier's members "
+        "are contiguous.",
+        json_schema_extra={
+            "items": {"type": "string", "pattern": LABEL_KEY_PATTERN, "maxLength": 317},
+            "x-kubernetes-list-type": "set",
+        },
+    )
+    required: str | None = Field(
+        default=None,
+        description="A level the whole gang must fit inside (one domain of it), e.g. "
+        f"{c.LABEL_ZONE}. Unset: the gang may span any domain.",
+    )
+
+
+class Allreduce(ApiModel):
+    """How gradients are reduced across workers."""
+
+    algorithm: Literal["Ring", "Hierarchical", "Auto"] = Field(
+        default="Auto",
+        description="Ring: flat allreduce. Hierarchical: reduce-scatter inside each tier, "
+        "allreduce across the slowest, all-gather back. Auto: picks per message size.",
+    )
+    compression: Literal["None", "BF16", "FP16"] = Field(
+        default="None",
+        description="Compress gradients on the slowest tier (with error feedback).",
+    )
+    bucket_mb: int = Field(
+        default=25, ge=1, le=1024, alias="bucketMB", description="DDP gradient bucket size, MiB."
+    )
+
+
+class Checkpoint(ApiModel):
+    """Where and how often workers checkpoint; resumed from on every (re)start."""
+
+    path: str = Field(default="/ckpt", min_length=1, description="Directory for checkpoints.")
+    every_steps: int = Field(default=100, ge=1, description="Checkpoint every N steps.")
+    keep: int = Field(default=3, ge=1, description="How many checkpoints to keep.")
+
+
+class FailurePolicy(ApiModel):
+    """When a failed worker is restarted and when the job gives up."""
+
+    max_restarts: int = Field(
+        default=10, ge=0, description="Restarts of the gang before the job fails."
+    )
+    backoff_seconds: int = Field(default=10, ge=0, description="Wait before a restart.")
+    non_retryable_exit_codes: list[int] = Field(
+        default_factory=lambda: [c.EXIT_CODE_PERMANENT],
+        description="Worker exit codes that fail the job at once (a retry cannot help).",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+
+_TEMPLATE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Pod template of a worker (the user's container). Standard PodTemplateSpec.",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "required": ["spec"],
+    "properties": {
+        "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "spec": {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "required": ["containers"],
+            "properties": {
+                "containers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                        "required": ["name"],
+                        "properties": {"name": {"type": "string", "minLength": 1}},
+                    },
+                }
+            },
+        },
+    },
+}
+
+
+class DDLJobSpec(ApiModel):
+    """What the user asks for."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.elastic) || (self.replicas >= self.elastic.minReplicas"
+                    " && self.replicas <= self.elastic.maxReplicas)",
+                    "replicas must be within [elastic.minReplicas, elastic.maxReplicas]",
+                    ".replicas",
+                ),
+                cel(
+                    "!has(self.processesPerWorker) || self.gpusPerWorker == 0"
+                    " || self.processesPerWorker == self.gpusPerWorker",
+                    "processesPerWorker must equal gpusPerWorker on GPU jobs "
+                    "(one process per GPU)",
+                    ".processesPerWorker",
+                ),
+            ]
+        }
+    )
+
+    replicas: int = Field(ge=1, le=10000, description="Desired workers (pods).")
+    elastic: Elastic | None = Field(
+        default=None, description="Elastic range; unset means a fixed-size job."
+    )
+    gpus_per_worker: int = Field(
+        default=0, ge=0, le=64, description="nvidia.com/gpu per worker; 0 is a CPU job on Gloo."
+    )
+    processes_per_worker: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Training processes per worker. Defaults to gpusPerWorker, or 1 on CPU.",
+    )
+    topology: Topology = Field(default_factory=Topology, description=Topology.__doc__)
+    allreduce: Allreduce = Field(default_factory=Allreduce, description=Allreduce.__doc__)
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint, description=Checkpoint.__doc__)
+    failure_policy: FailurePolicy = Field(
+        default_factory=FailurePolicy, description=FailurePolicy.__doc__
+    )
+    template: dict[str, Any] = Field(json_schema_extra=_TEMPLATE_SCHEMA)
+
+    @property
+    def procs_per_worker(self) -> int:
+        """Training processes each worker runs."""
+        if self.processes_per_worker is not None:
+            return self.processes_per_worker
+        return self.gpus_per_worker or 1
+
+    @property
+    def min_replicas(self) -> int:
+        return self.elastic.min_replicas if self.elastic else self.replicas
+
+    @property
+    def max_replicas(self) -> int:
+        return self.elastic.max_replicas if self.elastic else self.replicas
+
+
+Phase = Literal["Pending", "Placing", "Running", "Rescaling", "Succeeded", "Failed"]
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition (type, status, reason, message)."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+
+
+class Member(ApiModel):
+    """One worker of the current membership, in rank order."""
+
+    rank: int = Field(ge=0, description="Worker (group) rank.")
+    pod: str
+    node: str = ""
+    domains: dict[str, str] = Field(
+        default_factory=dict, description="Topology label -> domain of this worker's node."
+    )
+
+
+class Rendezvous(ApiModel):
+    """What the workers of one epoch need to form their process group."""
+
+    epoch: int = Field(ge=0)
+    workers: int = Field(ge=0, description="Workers in this epoch.")
+    processes_per_worker: int = Field(ge=1)
+    master_addr: str = Field(default="", description="Address of rank 0 (its pod DNS name).")
+    master_port: int = Field(default=29500, ge=1, le=65535)
+    grid: list[int] = Field(
+        default_factory=list,
+        description="Process grid innermost tier first (e.g. [8, 4, 2]: 8 per node, "
+        "4 nodes per rack, 2 racks); product = world size.",
+    )
+    members: list[Member] = Field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.workers * self.processes_per_worker
+
+
+class DDLJobStatus(ApiModel):
+    """What the operator observed and decided; written once per reconcile pass."""
+
+    phase: Phase = "Pending"
+    replicas: int = Field(default=0, description="Workers in the current membership.")
+    ready_replicas: int = Field(default=0, description="Workers running.")
+    selector: str = Field(default="", description="Label selector of the workers (scale).")
+    observed_generation: int = 0
+    epoch: int = Field(default=0, description="Rendezvous round; bumps on membership changes.")
+    restarts: int = Field(default=0, description="Gang restarts so far (failurePolicy).")
+    rendezvous: Rendezvous | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    step: int = Field(default=0, description="Training step reported by rank 0.")
+    throughput: float = Field(default=0.0, description="Samples/s across the job (rank 0).")
+    sync_wait_ratio: float = Field(
+        default=0.0, description="Share of step time blocked on communication (rank 0)."
+    )
+    message: str = ""
+
+
+class ObjectMeta(BaseModel):
+    """The slice of metadata the operator reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+
+
+class DDLJob(ApiModel):
+    """A DDLJob as the API server stores it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: str = c.API_VERSION
+    kind: str = c.KIND
+    metadata: ObjectMeta
+    spec: DDLJobSpec
+    status: DDLJobStatus = Field(default_factory=DDLJobStatus)
