@@ -92,10 +92,12 @@ class Topology(ApiModel):
         json_schema_extra={
             "items": {"type": "string", "pattern": LABEL_KEY_PATTERN, "maxLength": 317},
             "x-kubernetes-list-type": "set",
+            "default": list(c.DEFAULT_TOPOLOGY_LEVELS),
         },
     )
     required: str | None = Field(
         default=None,
+        max_length=317,
         description="A level the whole gang must fit inside (one domain of it), e.g. "
         f"{c.LABEL_ZONE}. Unset: the gang may span any domain.",
     )
@@ -136,7 +138,7 @@ class FailurePolicy(ApiModel):
     non_retryable_exit_codes: list[int] = Field(
         default_factory=lambda: [c.EXIT_CODE_PERMANENT],
         description="Worker exit codes that fail the job at once (a retry cannot help).",
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        json_schema_extra={"x-kubernetes-list-type": "set", "default": [c.EXIT_CODE_PERMANENT]},
     )
 
 
@@ -283,7 +285,10 @@ class DDLJobStatus(ApiModel):
     epoch: int = Field(default=0, description="Rendezvous round; bumps on membership changes.")
     restarts: int = Field(default=0, description="Gang restarts so far (failurePolicy).")
     rendezvous: Rendezvous | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     step: int = Field(default=0, description="Training step reported by rank 0.")
     throughput: float = Field(default=0.0, description="Samples/s across the job (rank 0).")
     sync_wait_ratio: float = Field(

@@ -1,0 +1,1 @@
+"""Local development cluster: a real Kubernetes control plane on loopback (dev/test tool)."""

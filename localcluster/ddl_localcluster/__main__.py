@@ -1,0 +1,64 @@
+"""`ddl-cluster`: start, inspect and stop the local control plane."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from ddl_localcluster.controlplane import ControlPlane, ControlPlaneError, bin_dir, cache_dir
+
+
+def default_dir() -> Path:
+    if env := os.environ.get("DDL_CLUSTER_DIR"):
+        return Path(env)
+    return cache_dir() / "cluster"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddl-cluster", description=__doc__)
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="state directory (default: %(default)s)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the control plane and print its kubeconfig")
+    sub.add_parser("down", help="stop everything `up` started")
+    sub.add_parser("status", help="show which components run")
+    sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
+    args = parser.parse_args(argv)
+    cp = ControlPlane(args.dir or default_dir())
+    try:
+        if args.command == "up":
+            started = time.monotonic()
+            cp.start(progress=lambda msg: print(f"starting {msg}", file=sys.stderr))
+            print(
+                f"control plane up in {time.monotonic() - started:.1f}s "
+                f"(binaries: {bin_dir()})",
+                file=sys.stderr,
+            )
+            print(f"export KUBECONFIG={cp.kubeconfig}")
+        elif args.command == "down":
+            cp.stop()
+            left = cp.running()
+            if left:
+                print(f"still running: {left}", file=sys.stderr)
+                return 1
+            print("control plane stopped", file=sys.stderr)
+        elif args.command == "status":
+            running = cp.running()
+            for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+                state = f"running (pid {running[name]})" if name in running else "stopped"
+                print(f"{name:26} {state}")
+            return 0 if running else 3
+        else:
+            print(cp.kubeconfig)
+    except ControlPlaneError as err:
+        print(f"ddl-cluster: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
