@@ -8,7 +8,9 @@ from typing import Any
 from ddl_operator.api import constants as c
 
 
-def make_template(image: str = "ddl-worker:dev", command: list[str] | None = None) -> dict[str, Any]:
+def make_template(
+    image: str = "ddl-worker:dev", command: list[str] | None = None
+) -> dict[str, Any]:
     return {
         "metadata": {"labels": {"app": "trainer"}},
         "spec": {
@@ -33,7 +35,11 @@ def make_ddljob(
     **spec: Any,
 ) -> dict[str, Any]:
     """A valid DDLJob; keyword arguments override top-level spec fields."""
-    body: dict[str, Any] = {"replicas": replicas, "gpusPerWorker": gpus, "template": make_template()}
+    body: dict[str, Any] = {
+        "replicas": replicas,
+        "gpusPerWorker": gpus,
+        "template": make_template(),
+    }
     if min_replicas is not None or max_replicas is not None:
         body["elastic"] = {
             "minReplicas": min_replicas if min_replicas is not None else 1,

@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             cp.start(progress=lambda msg: print(f"starting {msg}", file=sys.stderr))
             print(
-                f"control plane up in {time.monotonic() - started:.1f}s "
-                f"(binaries: {bin_dir()})",
+                f"control plane up in {time.monotonic() - started:.1f}s (binaries: {bin_dir()})",
                 file=sys.stderr,
             )
             print(f"export KUBECONFIG={cp.kubeconfig}")

@@ -166,7 +166,9 @@ class ControlPlane:
 
     # -- start ------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 120.0, progress: Callable[[str], None] = lambda _: None) -> None:
+    def start(
+        self, timeout: float = 120.0, progress: Callable[[str], None] = lambda _: None
+    ) -> None:
         """Starts every component (fresh ports), waits until the API is usable."""
         if self.running():
             raise ControlPlaneError(f"a control plane is already running from {self.dir}")

@@ -92,9 +92,15 @@ def ensure_pki(directory: Path) -> Pki:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -160,7 +166,10 @@ def write_kubeconfig(path: Path, server: str, pki: Pki, client: str) -> Path:
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [
-            {"name": "ddl-local", "cluster": {"server": server, "certificate-authority": str(pki.ca_cert)}}
+            {
+                "name": "ddl-local",
+                "cluster": {"server": server, "certificate-authority": str(pki.ca_cert)},
+            }
         ],
         "users": [
             {

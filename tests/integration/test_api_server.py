@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from builders import DELETE, make_ddljob, set_path
 from conftest import Kubectl
 
@@ -26,9 +27,7 @@ def test_examples_are_accepted_by_server_side_apply(kubectl: Kubectl, namespace:
     manifests = sorted((REPO / "examples").glob("*.yaml"))
     assert manifests
     for path in manifests:
-        proc = kubectl.run(
-            "apply", "--server-side", "-n", namespace, "-f", str(path), check=False
-        )
+        proc = kubectl.run("apply", "--server-side", "-n", namespace, "-f", str(path), check=False)
         assert proc.returncode == 0, f"{path.name}: {proc.stderr}"
 
 
@@ -42,14 +41,25 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("unknown-algorithm", "spec.allreduce.algorithm", "Butterfly", "spec.allreduce.algorithm"),
     ("unknown-compression", "spec.allreduce.compression", "INT4", "spec.allreduce.compression"),
     ("bucket-too-large", "spec.allreduce.bucketMB", 4096, "spec.allreduce.bucketMB"),
-    ("bad-level-label", "spec.topology.levels", ["kubernetes.io/hostname", "Not A Label!"],
-     "spec.topology.levels"),
-    ("levels-not-from-node", "spec.topology.levels", ["topology.kubernetes.io/rack"],
-     "spec.topology.levels"),
-    ("required-not-a-level", "spec.topology.required", "example.com/pod",
-     "spec.topology.required"),
-    ("duplicate-levels", "spec.topology.levels",
-     ["kubernetes.io/hostname", "kubernetes.io/hostname"], "spec.topology.levels"),
+    (
+        "bad-level-label",
+        "spec.topology.levels",
+        ["kubernetes.io/hostname", "Not A Label!"],
+        "spec.topology.levels",
+    ),
+    (
+        "levels-not-from-node",
+        "spec.topology.levels",
+        ["topology.kubernetes.io/rack"],
+        "spec.topology.levels",
+    ),
+    ("required-not-a-level", "spec.topology.required", "example.com/pod", "spec.topology.required"),
+    (
+        "duplicate-levels",
+        "spec.topology.levels",
+        ["kubernetes.io/hostname", "kubernetes.io/hostname"],
+        "spec.topology.levels",
+    ),
     ("every-steps-zero", "spec.checkpoint.everySteps", 0, "spec.checkpoint.everySteps"),
     ("negative-restarts", "spec.failurePolicy.maxRestarts", -1, "spec.failurePolicy.maxRestarts"),
     ("unknown-field", "spec.replcias", 3, "replcias"),
@@ -57,8 +67,9 @@ INVALID: list[tuple[str, str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("path", "value", "expected"), [c[1:] for c in INVALID],
-                         ids=[c[0] for c in INVALID])
+@pytest.mark.parametrize(
+    ("path", "value", "expected"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
+)
 def test_invalid_ddljob_is_refused_naming_the_field(
     kubectl: Kubectl, namespace: str, path: str, value: Any, expected: str
 ) -> None:
@@ -75,8 +86,9 @@ def test_invalid_ddljob_is_refused_naming_the_field(
 def test_elastic_range_is_enforced(
     kubectl: Kubectl, namespace: str, replicas: int, low: int, high: int, expected: str
 ) -> None:
-    job = make_ddljob(name="bad", replicas=replicas, min_replicas=low, max_replicas=high,
-                      namespace=namespace)
+    job = make_ddljob(
+        name="bad", replicas=replicas, min_replicas=low, max_replicas=high, namespace=namespace
+    )
     proc = kubectl.apply(job)
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr
@@ -94,21 +106,32 @@ def test_defaults_are_applied_by_the_server(kubectl: Kubectl, namespace: str) ->
 def test_get_prints_the_printer_columns(kubectl: Kubectl, namespace: str) -> None:
     assert kubectl.apply(make_ddljob(name="cols", namespace=namespace)).returncode == 0
     header = kubectl.run("get", "ddlj", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "READY", "REPLICAS", "EPOCH", "THROUGHPUT", "SYNC-WAIT",
-                      "AGE"]
+    assert header == [
+        "NAME",
+        "PHASE",
+        "READY",
+        "REPLICAS",
+        "EPOCH",
+        "THROUGHPUT",
+        "SYNC-WAIT",
+        "AGE",
+    ]
     # The category lists DDLJobs too.
     assert "cols" in kubectl.run("get", "ddl", "-n", namespace).stdout
 
 
 def test_scale_changes_spec_replicas(kubectl: Kubectl, namespace: str) -> None:
-    job = make_ddljob(name="elastic", replicas=2, min_replicas=1, max_replicas=8,
-                      namespace=namespace)
+    job = make_ddljob(
+        name="elastic", replicas=2, min_replicas=1, max_replicas=8, namespace=namespace
+    )
     assert kubectl.apply(job).returncode == 0
     kubectl.run("scale", "ddlj/elastic", "-n", namespace, "--replicas=6")
     assert kubectl.get_json("ddlj", "elastic", "-n", namespace)["spec"]["replicas"] == 6
     # The scale subresource answers what an HPA reads.
     raw = kubectl.run(
-        "get", "--raw", f"/apis/ddl-operator.dev/v1alpha1/namespaces/{namespace}/ddljobs/elastic/scale"
+        "get",
+        "--raw",
+        f"/apis/ddl-operator.dev/v1alpha1/namespaces/{namespace}/ddljobs/elastic/scale",
     ).stdout
     scale = json.loads(raw)
     assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 6

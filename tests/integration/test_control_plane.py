@@ -6,9 +6,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import Kubectl
-
 from ddl_localcluster.controlplane import ControlPlane
+
+from conftest import Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,11 @@ def test_restart_keeps_data_on_fresh_ports(tmp_path: Path) -> None:
 def test_make_cluster_up_and_down_leave_nothing_running(tmp_path: Path) -> None:
     env = {**os.environ, "DDL_CLUSTER_DIR": str(tmp_path / "cluster")}
     up = subprocess.run(
-        ["make", "-s", "cluster-up"], cwd=REPO, env=env, capture_output=True, text=True,
+        ["make", "-s", "cluster-up"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert up.returncode == 0, up.stderr + up.stdout
@@ -55,7 +59,11 @@ def test_make_cluster_up_and_down_leave_nothing_running(tmp_path: Path) -> None:
     assert len(pids) == 4 and all(_alive(p) for p in pids)
     Kubectl(cp.kubeconfig).run("get", "namespaces")
     down = subprocess.run(
-        ["make", "-s", "cluster-down"], cwd=REPO, env=env, capture_output=True, text=True,
+        ["make", "-s", "cluster-down"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert down.returncode == 0, down.stderr

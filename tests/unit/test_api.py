@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from builders import make_ddljob
 from pydantic import ValidationError
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.crd import CRD_PATHS, build_crd, render_crd
 from ddl_operator.api.models import DDLJob, DDLJobSpec
+
+from builders import make_ddljob
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 from ddl_operator.api import constants as c
 
@@ -16,9 +17,9 @@ LABEL_KEY_PATTERN = (
 )
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
     """One CEL validation rule for the CRD (x-kubernetes-validations)."""
-    out = {"rule": rule, "message": message}
+    out: JsonDict = {"rule": rule, "message": message}
     if field_path:
         out["fieldPath"] = field_path
     return out
@@ -185,8 +186,7 @@ class DDLJobSpec(ApiModel):
                 cel(
                     "!has(self.processesPerWorker) || self.gpusPerWorker == 0"
                     " || self.processesPerWorker == self.gpusPerWorker",
-                    "processesPerWorker must equal gpusPerWorker on GPU jobs "
-                    "(one process per GPU)",
+                    "processesPerWorker must equal gpusPerWorker on GPU jobs (one process per GPU)",
                     ".processesPerWorker",
                 ),
             ]
@@ -240,7 +240,9 @@ class Condition(ApiModel):
     status: Literal["True", "False", "Unknown"]
     reason: str = ""
     message: str = ""
-    last_transition_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    last_transition_time: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}
+    )
 
 
 class Member(ApiModel):
@@ -295,6 +297,16 @@ class DDLJobStatus(ApiModel):
         default=0.0, description="Share of step time blocked on communication (rank 0)."
     )
     message: str = ""
+    waiting_since: str | None = Field(
+        default=None,
+        description="When the job last fell below minReplicas (for waitForCapacitySeconds).",
+        json_schema_extra={"format": "date-time"},
+    )
+    last_failure_time: str | None = Field(
+        default=None,
+        description="When a worker was last lost (for backoffSeconds).",
+        json_schema_extra={"format": "date-time"},
+    )
 
 
 class ObjectMeta(BaseModel):

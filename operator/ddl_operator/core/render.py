@@ -1,0 +1,153 @@
+"""Renders the children of a DDLJob: gated worker pods and the headless Service."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from ddl_operator.api import constants as c
+from ddl_operator.api.models import DDLJob
+
+LABEL_SLOT: Final = f"{c.GROUP}/slot"
+METRICS_PORT: Final = 9400
+
+
+def pod_name(job: str, slot: int) -> str:
+    """Deterministic worker pod name: creating it twice is a 409, never a duplicate."""
+    return f"{job}-worker-{slot}"
+
+
+def selector(job: str) -> str:
+    """Label selector of a job's workers (status.selector, for the scale subresource)."""
+    return f"{c.LABEL_JOB}={job},{c.LABEL_ROLE}=worker"
+
+
+def owner_reference(job: DDLJob) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def worker_env(job: DDLJob) -> list[dict[str, Any]]:
+    """The agent's contract: who it is, where the job is, and how to train."""
+    spec = job.spec
+    plain = {
+        "DDL_JOB_NAME": job.metadata.name,
+        "DDL_PROCS_PER_WORKER": str(spec.procs_per_worker),
+        "DDL_CHECKPOINT_DIR": spec.checkpoint.path,
+        "DDL_CHECKPOINT_EVERY": str(spec.checkpoint.every_steps),
+        "DDL_CHECKPOINT_KEEP": str(spec.checkpoint.keep),
+        "DDL_ALLREDUCE_ALGORITHM": spec.allreduce.algorithm,
+        "DDL_COMPRESSION": spec.allreduce.compression,
+        "DDL_BUCKET_MB": str(spec.allreduce.bucket_mb),
+        "DDL_METRICS_PORT": str(METRICS_PORT),
+        "DDL_RENDEZVOUS_TIMEOUT": str(
+            spec.elastic.rendezvous_timeout_seconds if spec.elastic else 300
+        ),
+    }
+    return [
+        _field_env("POD_NAME", "metadata.name"),
+        _field_env("POD_NAMESPACE", "metadata.namespace"),
+        _field_env("POD_IP", "status.podIP"),
+        _field_env("NODE_NAME", "spec.nodeName"),
+        *({"name": k, "value": v} for k, v in plain.items()),
+    ]
+
+
+def worker_pod(job: DDLJob, slot: int, service_account: str | None = None) -> dict[str, Any]:
+    """A worker pod, created gated: it holds nothing until the whole gang is placed."""
+    name = job.metadata.name
+    template = copy.deepcopy(job.spec.template)
+    meta = template.get("metadata") or {}
+    spec: dict[str, Any] = template.get("spec") or {}
+    labels = {
+        **(meta.get("labels") or {}),
+        c.LABEL_JOB: name,
+        c.LABEL_ROLE: "worker",
+        LABEL_SLOT: str(slot),
+    }
+    spec["schedulingGates"] = [
+        *(g for g in spec.get("schedulingGates", []) if g.get("name") != c.SCHEDULING_GATE),
+        {"name": c.SCHEDULING_GATE},
+    ]
+    # The operator owns restarts (failurePolicy), so a failed worker stays failed for it to see.
+    spec["restartPolicy"] = "Never"
+    spec.setdefault("hostname", pod_name(name, slot))
+    spec.setdefault("subdomain", name)
+    if service_account and not spec.get("serviceAccountName"):
+        spec["serviceAccountName"] = service_account
+    containers = spec["containers"]
+    main = containers[0]
+    own = {e["name"] for e in main.get("env", [])}
+    main["env"] = [*main.get("env", []), *(e for e in worker_env(job) if e["name"] not in own)]
+    if not any(p.get("name") == "metrics" for p in main.get("ports", [])):
+        main["ports"] = [
+            *main.get("ports", []),
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ]
+    if job.spec.gpus_per_worker:
+        resources = main.setdefault("resources", {})
+        gpus = str(job.spec.gpus_per_worker)
+        resources.setdefault("limits", {})[c.GPU_RESOURCE] = gpus
+        resources.setdefault("requests", {})[c.GPU_RESOURCE] = gpus
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(name, slot),
+            "namespace": job.metadata.namespace,
+            "labels": labels,
+            "annotations": dict(meta.get("annotations") or {}),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": spec,
+    }
+
+
+ANNOTATION_NODE: Final = f"{c.GROUP}/node"
+
+
+def placement_patch(node: str, gates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A JSON merge patch pinning a gated pod to its node and lifting our gate.
+
+    Gated pods accept additions to nodeSelector, so the stock kube-scheduler binds the pod
+    with correct resource accounting while our placement decides the node. Other gates stay.
+    """
+    return {
+        "metadata": {"annotations": {ANNOTATION_NODE: node}},
+        "spec": {
+            "nodeSelector": {c.LABEL_HOSTNAME: node},
+            "schedulingGates": [g for g in gates if g.get("name") != c.SCHEDULING_GATE],
+        },
+    }
+
+
+def headless_service(job: DDLJob) -> dict[str, Any]:
+    """Stable DNS names for workers ({pod}.{job}) and one scrape target list."""
+    name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": job.metadata.namespace,
+            "labels": {c.LABEL_JOB: name},
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {c.LABEL_JOB: name, c.LABEL_ROLE: "worker"},
+            "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT}],
+        },
+    }
