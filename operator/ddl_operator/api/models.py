@@ -143,6 +143,12 @@ class FailurePolicy(ApiModel):
     )
 
 
+def _default_of(model: type[ApiModel]) -> JsonDict:
+    """The full default object for the CRD, so the API server's defaulting and CEL agree."""
+    default: JsonDict = model().model_dump(by_alias=True, exclude_none=True, mode="json")
+    return {"default": default}
+
+
 _TEMPLATE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "Pod template of a worker (the user's container). Standard PodTemplateSpec.",
@@ -206,11 +212,25 @@ class DDLJobSpec(ApiModel):
         le=256,
         description="Training processes per worker. Defaults to gpusPerWorker, or 1 on CPU.",
     )
-    topology: Topology = Field(default_factory=Topology, description=Topology.__doc__)
-    allreduce: Allreduce = Field(default_factory=Allreduce, description=Allreduce.__doc__)
-    checkpoint: Checkpoint = Field(default_factory=Checkpoint, description=Checkpoint.__doc__)
+    topology: Topology = Field(
+        default_factory=Topology,
+        description=Topology.__doc__,
+        json_schema_extra=_default_of(Topology),
+    )
+    allreduce: Allreduce = Field(
+        default_factory=Allreduce,
+        description=Allreduce.__doc__,
+        json_schema_extra=_default_of(Allreduce),
+    )
+    checkpoint: Checkpoint = Field(
+        default_factory=Checkpoint,
+        description=Checkpoint.__doc__,
+        json_schema_extra=_default_of(Checkpoint),
+    )
     failure_policy: FailurePolicy = Field(
-        default_factory=FailurePolicy, description=FailurePolicy.__doc__
+        default_factory=FailurePolicy,
+        description=FailurePolicy.__doc__,
+        json_schema_extra=_default_of(FailurePolicy),
     )
     template: dict[str, Any] = Field(json_schema_extra=_TEMPLATE_SCHEMA)
 

@@ -1,0 +1,248 @@
+"""Kubernetes I/O for the operator: read one job's snapshot, apply one plan.
+
+The only module that talks to the API server on the reconcile path; everything it returns
+is plain data for the pure core.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from ddl_operator.api import constants as c
+from ddl_operator.api.models import DDLJob
+from ddl_operator.core.reconcile import Event, Plan, WorkerPod
+from ddl_operator.core.render import ANNOTATION_NODE, LABEL_SLOT, headless_service
+from ddl_operator.core.topology import NodeInfo
+
+log = logging.getLogger(__name__)
+
+_TERMINAL = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    job: DDLJob
+    body: Mapping[str, Any]
+    pods: list[WorkerPod]
+    nodes: list[NodeInfo]
+
+
+class Kube:
+    """Thin typed wrapper over the API calls the operator makes."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            body: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                c.GROUP, c.VERSION, namespace, c.PLURAL, name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return body
+
+    def snapshot(self, namespace: str, name: str) -> Snapshot | None:
+        body = self.get_job(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        job = DDLJob.model_validate(body)
+        raw_pods = self.core.list_namespaced_pod(
+            namespace, label_selector=f"{c.LABEL_JOB}={name},{c.LABEL_ROLE}=worker"
+        ).items
+        pods = [worker_pod_view(p) for p in raw_pods if _owned_by(p, job.metadata.uid)]
+        nodes = self.node_infos(job)
+        return Snapshot(job=job, body=body, pods=pods, nodes=nodes)
+
+    def node_infos(self, job: DDLJob) -> list[NodeInfo]:
+        """Every node with its free GPUs, counting bound pods and pods we placed but the
+        scheduler has not bound yet (so two jobs never take the same GPUs)."""
+        used: dict[str, int] = {}
+        for pod in self.core.list_pod_for_all_namespaces(
+            field_selector="status.phase!=Succeeded,status.phase!=Failed"
+        ).items:
+            node = pod.spec.node_name or (pod.metadata.annotations or {}).get(ANNOTATION_NODE)
+            if node:
+                used[node] = used.get(node, 0) + pod_gpus(pod)
+        tolerations = (job.spec.template.get("spec") or {}).get("tolerations") or []
+        return [
+            NodeInfo(
+                name=n.metadata.name,
+                labels=dict(n.metadata.labels or {}),
+                allocatable=_quantity((n.status.allocatable or {}).get(c.GPU_RESOURCE, "0")),
+                used=used.get(n.metadata.name, 0),
+                ready=_ready(n),
+                schedulable=not n.spec.unschedulable
+                and all(_tolerated(t, tolerations) for t in (n.spec.taints or [])),
+            )
+            for n in self.core.list_node().items
+        ]
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def apply(self, snap: Snapshot, plan: Plan) -> None:
+        """Children first, then the status once; events only after the status write."""
+        job = snap.job
+        ns = job.metadata.namespace
+        if plan.create:
+            self._ensure_service(job)
+        for manifest in plan.create:
+            try:
+                self.core.create_namespaced_pod(ns, manifest)
+            except ApiException as err:
+                if err.status != 409:  # already there: an earlier pass made it
+                    raise
+        for name, patch in plan.place:
+            self.core.api_client.call_api(
+                f"/api/v1/namespaces/{ns}/pods/{name}",
+                "PATCH",
+                header_params={"Content-Type": "application/merge-patch+json"},
+                body=patch,
+                response_type="object",
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        for name in plan.delete:
+            try:
+                self.core.delete_namespaced_pod(name, ns, grace_period_seconds=_grace(snap, name))
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+        new_status = plan.status.model_dump(by_alias=True, exclude_none=True, mode="json")
+        if new_status != snap.body.get("status"):
+            self.custom.patch_namespaced_custom_object_status(
+                c.GROUP, c.VERSION, ns, c.PLURAL, job.metadata.name, {"status": new_status}
+            )
+        self.post_events(snap.body, plan.events)
+
+    def _ensure_service(self, job: DDLJob) -> None:
+        try:
+            self.core.create_namespaced_service(job.metadata.namespace, headless_service(job))
+        except ApiException as err:
+            if err.status != 409:
+                raise
+
+    def post_events(self, body: Mapping[str, Any], events: Iterable[Event]) -> None:
+        meta = body["metadata"]
+        now = dt.datetime.now(dt.UTC)
+        for event in events:
+            try:
+                self.core.create_namespaced_event(
+                    meta["namespace"],
+                    client.CoreV1Event(
+                        metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}."),
+                        involved_object=client.V1ObjectReference(
+                            api_version=c.API_VERSION,
+                            kind=c.KIND,
+                            name=meta["name"],
+                            namespace=meta["namespace"],
+                            uid=meta.get("uid"),
+                        ),
+                        type=event.type,
+                        reason=event.reason,
+                        message=event.message[:1024],
+                        first_timestamp=now,
+                        last_timestamp=now,
+                        count=1,
+                        source=client.V1EventSource(component="ddl-operator"),
+                        reporting_component="ddl-operator",
+                        reporting_instance="ddl-operator",
+                    ),
+                )
+            except ApiException as err:  # events are best effort; the status holds the truth
+                log.warning("could not post event %s: %s", event.reason, err.reason)
+
+
+def _grace(snap: Snapshot, name: str) -> int | None:
+    """Pods on a node that is gone or not ready cannot shut down; don't wait for them."""
+    pod = next((p for p in snap.pods if p.name == name), None)
+    if pod and pod.placed_on:
+        node = next((n for n in snap.nodes if n.name == pod.placed_on), None)
+        if node is None or not node.ready:
+            return 0
+    return None
+
+
+def _owned_by(pod: Any, uid: str) -> bool:
+    return any(ref.uid == uid for ref in (pod.metadata.owner_references or []))
+
+
+def worker_pod_view(pod: Any) -> WorkerPod:
+    """The state machine's view of a worker pod."""
+    meta, spec, st = pod.metadata, pod.spec, pod.status
+    exit_code = None
+    for cs in (st.container_statuses or []) if st else []:
+        if cs.state and cs.state.terminated:
+            exit_code = cs.state.terminated.exit_code
+            break
+    report = None
+    raw = (meta.annotations or {}).get(c.ANNOTATION_REPORT)
+    if raw:
+        try:
+            parsed = json.loads(raw)
+            report = parsed if isinstance(parsed, dict) else None
+        except ValueError:
+            log.warning("pod %s has a malformed %s annotation", meta.name, c.ANNOTATION_REPORT)
+    return WorkerPod(
+        name=meta.name,
+        slot=int((meta.labels or {}).get(LABEL_SLOT, "0")),
+        phase=(st.phase if st and st.phase else "Pending"),
+        node=spec.node_name,
+        assigned=(meta.annotations or {}).get(ANNOTATION_NODE),
+        gates=tuple({"name": g.name} for g in (spec.scheduling_gates or [])),
+        deleting=meta.deletion_timestamp is not None,
+        ip=st.pod_ip if st else None,
+        exit_code=exit_code,
+        report=report,
+    )
+
+
+def pod_gpus(pod: Any) -> int:
+    total = 0
+    for container in pod.spec.containers or []:
+        res = container.resources
+        requests = (res.requests or {}) if res else {}
+        limits = (res.limits or {}) if res else {}
+        total += _quantity(requests.get(c.GPU_RESOURCE) or limits.get(c.GPU_RESOURCE) or "0")
+    return total
+
+
+def _quantity(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
+def _ready(node: Any) -> bool:
+    for cond in (node.status.conditions or []) if node.status else []:
+        if cond.type == "Ready":
+            return bool(cond.status == "True")
+    return False
+
+
+def _tolerated(taint: Any, tolerations: list[Mapping[str, Any]]) -> bool:
+    if taint.effect not in ("NoSchedule", "NoExecute"):
+        return True
+    for tol in tolerations:
+        if tol.get("effect") not in (None, "", taint.effect):
+            continue
+        if tol.get("operator") == "Exists" and tol.get("key") in (None, "", taint.key):
+            return True
+        if tol.get("key") == taint.key and tol.get("value", "") == (taint.value or ""):
+            return True
+    return False
