@@ -78,7 +78,9 @@ class Kube:
             node = pod.spec.node_name or (pod.metadata.annotations or {}).get(ANNOTATION_NODE)
             if node:
                 used[node] = used.get(node, 0) + pod_gpus(pod)
-        tolerations = (job.spec.template.get("spec") or {}).get("tolerations") or []
+        pod_spec = job.spec.template.get("spec") or {}
+        tolerations = pod_spec.get("tolerations") or []
+        wanted = pod_spec.get("nodeSelector") or {}
         return [
             NodeInfo(
                 name=n.metadata.name,
@@ -86,7 +88,9 @@ class Kube:
                 allocatable=_quantity((n.status.allocatable or {}).get(c.GPU_RESOURCE, "0")),
                 used=used.get(n.metadata.name, 0),
                 ready=_ready(n),
+                # The template's nodeSelector and tolerations narrow where workers may go.
                 schedulable=not n.spec.unschedulable
+                and all((n.metadata.labels or {}).get(k) == v for k, v in wanted.items())
                 and all(_tolerated(t, tolerations) for t in (n.spec.taints or [])),
             )
             for n in self.core.list_node().items

@@ -1,0 +1,33 @@
+"""Operator metrics (prometheus-client), served on --metrics-port."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Gauge, Histogram
+
+RECONCILE_SECONDS: Final = Histogram(
+    "ddl_operator_reconcile_seconds", "Time of one reconcile pass of one job."
+)
+PLACEMENT_SECONDS: Final = Histogram(
+    "ddl_operator_placement_seconds",
+    "Time to compute one job's placement (pure core, no API calls).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+JOBS: Final = Gauge("ddl_operator_jobs", "DDLJobs by phase.", ["phase"])
+PENDING_GPUS: Final = Gauge(
+    "ddl_operator_pending_gpus",
+    "GPUs a job wants but has not been placed on.",
+    ["namespace", "job"],
+)
+UNSCHEDULABLE: Final = Gauge(
+    "ddl_operator_job_unschedulable",
+    "1 while a job has workers that cannot be placed, labelled with the reason.",
+    ["namespace", "job", "reason"],
+)
+JOB_EPOCH: Final = Gauge(
+    "ddl_operator_job_epoch", "Rendezvous epoch of a job.", ["namespace", "job"]
+)
+JOB_RESTARTS: Final = Gauge(
+    "ddl_operator_job_restarts", "Gang restarts of a job so far.", ["namespace", "job"]
+)
