@@ -111,14 +111,9 @@ class Kube:
                 if err.status != 409:  # already there: an earlier pass made it
                     raise
         for name, patch in plan.place:
-            self.core.api_client.call_api(
-                f"/api/v1/namespaces/{ns}/pods/{name}",
-                "PATCH",
-                header_params={"Content-Type": "application/merge-patch+json"},
-                body=patch,
-                response_type="object",
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
+            # A merge patch replaces the gate list as a whole (the gate is lifted).
+            self.core.patch_namespaced_pod(
+                name, ns, patch, _content_type="application/merge-patch+json"
             )
         for name in plan.delete:
             try:
@@ -128,8 +123,15 @@ class Kube:
                     raise
         new_status = plan.status.model_dump(by_alias=True, exclude_none=True, mode="json")
         if new_status != snap.body.get("status"):
-            self.custom.patch_namespaced_custom_object_status(
-                c.GROUP, c.VERSION, ns, c.PLURAL, job.metadata.name, {"status": new_status}
+            # Replace, not patch: cleared fields must go, and the resourceVersion makes a
+            # pass that read a stale job fail with 409 (and retry) instead of clobbering.
+            self.custom.replace_namespaced_custom_object_status(
+                c.GROUP,
+                c.VERSION,
+                ns,
+                c.PLURAL,
+                job.metadata.name,
+                {**snap.body, "status": new_status},
             )
         self.post_events(snap.body, plan.events)
 

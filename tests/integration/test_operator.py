@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from ddl_operator.api import constants as c
 
 from builders import make_ddljob
-from conftest import FakeCluster, Kubectl, OperatorProcess, make_fake_cluster
+from conftest import FakeCluster, Kubectl, OperatorProcess, fake_node, make_fake_cluster
 
 pytestmark = pytest.mark.usefixtures("operator", "kwok")
 
@@ -149,16 +150,14 @@ def test_node_loss_shrinks_and_capacity_grows_back(kubectl: Kubectl, namespace: 
         wait_for(kubectl, namespace, "elastic", "{.status.epoch}", "1")
         status = kubectl.get_json("ddlj", "elastic", "-n", namespace)["status"]
         victim = status["rendezvous"]["members"][2]["node"]
-        node = kubectl.get_json("node", victim)
+        labels = kubectl.get_json("node", victim)["metadata"]["labels"]
         kubectl.run("delete", "node", victim)
         wait_for(kubectl, namespace, "elastic", "{.status.epoch}", "2")
         status = kubectl.get_json("ddlj", "elastic", "-n", namespace)["status"]
         assert status["rendezvous"]["workers"] == 2
         assert victim not in {m["node"] for m in status["rendezvous"]["members"]}
         # The node comes back: the job grows to 3 at the next epoch.
-        node["metadata"] = {k: node["metadata"][k] for k in ("name", "labels", "annotations")}
-        node.pop("status", None)
-        kubectl.apply(node)
+        kubectl.run("apply", "-f", "-", input=yaml.safe_dump(fake_node(victim, labels, gpus=8)))
         wait_for(kubectl, namespace, "elastic", "{.status.rendezvous.workers}", "3", timeout=60)
         assert kubectl.get_json("ddlj", "elastic", "-n", namespace)["status"]["epoch"] == 3
     finally:

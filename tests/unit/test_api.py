@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from ddl_operator.api import constants as c
-from ddl_operator.api.crd import CRD_PATHS, build_crd, render_crd
+from ddl_operator.api.crd import CRD_PATHS, REFERENCE_PATH, build_crd, render_crd, render_reference
 from ddl_operator.api.models import DDLJob, DDLJobSpec
 
 from builders import make_ddljob
@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 def test_committed_crd_matches_models(path: Path) -> None:
     assert path.exists(), f"{path} is missing; run `make crds`"
     assert path.read_text() == render_crd(), f"{path} is stale; run `make crds`"
+
+
+def test_committed_reference_matches_models() -> None:
+    assert REFERENCE_PATH.read_text() == render_reference(), "docs/api.md is stale; run `make crds`"
 
 
 def test_crd_has_subresources_columns_and_names() -> None:

@@ -6,8 +6,9 @@ The model is Kueue's topology-aware scheduling, on an in-memory snapshot:
    domain of the `required` level (or the whole cluster) can hold, counting the kept
    workers; below min_workers it gets nothing and an `Unplaceable` saying what ran out.
 2. Domain. It goes into the lowest-level domain that holds it and all kept workers; among
-   several at that level, the one that needs the fewest nodes, then the tightest fit
-   (least capacity left over, so large domains stay whole for large jobs), then by name.
+   several at that level, the one that needs the fewest nodes, then the fewest NVLink
+   domains, racks, ... inside it, then the tightest fit (least capacity left over, so large
+   domains stay whole for large jobs), then by name.
 3. Nodes. Inside that domain it uses the fewest nodes possible (kept workers' nodes always
    count). Among selections with that many nodes it descends level by level and takes
    children greedily: those with kept workers first, then the child that adds the most,
@@ -292,8 +293,33 @@ def _lowest_fit(
     fits = by_depth[max(by_depth)]
     return min(
         fits,
-        key=lambda d: (rooms[d].nodes_needed(new), rooms[d].cap, rooms[d].free, d.path),
+        key=lambda d: (
+            rooms[d].nodes_needed(new),
+            _spread(d, rooms, size),
+            rooms[d].cap,
+            rooms[d].free,
+            d.path,
+        ),
     )
+
+
+def _spread(domain: Domain, rooms: Mapping[Domain, _Room], size: int) -> tuple[int, ...]:
+    """About how many sub-domains of each level inside `domain` the gang needs, innermost
+    level first (NVLink domains before racks): those with kept workers, then the roomiest."""
+    by_depth: dict[int, list[_Room]] = {}
+    for inner in domain.walk():
+        if inner is not domain and inner.node is None:
+            by_depth.setdefault(inner.depth, []).append(rooms[inner])
+    counts = []
+    for depth in sorted(by_depth, reverse=True):
+        ordered = sorted(by_depth[depth], key=lambda room: (not room.forced, -room.cap))
+        held = used = 0
+        for room in ordered:
+            if held >= size and not room.forced:
+                break
+            held, used = held + room.cap, used + 1
+        counts.append(used)
+    return tuple(counts)
 
 
 def _top(lists: Iterable[list[int]], count: int) -> list[int]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from ddl_operator.api.constants import LABEL_HOSTNAME
 
 # Label values may not contain "/", so this prefix never collides with a real domain name.
-_OWN_DOMAIN_PREFIX = "node/"
+_OWN_DOMAIN_PREFIX: Final = "node/"
 
 
 @dataclass(frozen=True)

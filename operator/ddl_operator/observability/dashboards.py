@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as grafana
@@ -153,7 +153,11 @@ def link_to(title: str, uid: str) -> grafana.DashboardLink:
     )
 
 
-def numbered(builder: grafana.Dashboard, items: list[Any]) -> grafana.Dashboard:
+# What a dashboard is made of, in order: rows and the panels below each.
+Item = grafana.Row | timeseries.Panel | stat.Panel | table.Panel
+
+
+def numbered(builder: grafana.Dashboard, items: list[Item]) -> grafana.Dashboard:
     """Adds rows and panels in order with ids 1..n (Grafana wants them unique and stable)."""
     for number, item in enumerate(items, start=1):
         item.id(number)
@@ -174,7 +178,7 @@ def job_dashboard() -> grafana.Dashboard:
     sync_steps = thresholds((None, "green"), (HIGH_SYNC_WAIT_RATIO, "orange"))
     dcgm_pods = f'namespace="$namespace", pod=~"{WORKER_POD_REGEX.format(job="$job")}"'
     rank_legend = "rank {{rank}} @ {{node}}"
-    items: list[Any] = [
+    items: list[Item] = [
         grafana.Row("Overview"),
         single_stat(
             "Throughput",
@@ -434,7 +438,7 @@ def latency_quantiles(histogram: str) -> list[prometheus.Dataquery]:
 def operator_dashboard() -> grafana.Dashboard:
     """The operator: jobs by phase, pending GPUs and why, reconcile and placement latency."""
     ns = 'namespace=~"$namespace"'
-    items: list[Any] = [
+    items: list[Item] = [
         grafana.Row("Jobs"),
         single_stat(
             "Operator up",

@@ -1,0 +1,355 @@
+"""The Helm chart with the pinned helm: lint, render, server-side dry-run on the real API
+server, and its RBAC checked by the API server's own authorizer."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ddl_localcluster.controlplane import binary
+
+from conftest import Kubectl
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "ddl-operator"
+MONITORING_CRDS = Path(__file__).parent / "fixtures" / "monitoring.coreos.com-crds.yaml"
+SELECTOR_FORBIDDEN = {"helm.sh/chart", "app.kubernetes.io/version"}
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(binary("helm")), *args], capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+def custom_values(watched: list[str], dashboards_namespace: str) -> dict[str, Any]:
+    """Everything optional switched on, namespaced RBAC, overrides of names and image."""
+    return {
+        "fullnameOverride": f"ddl-{uuid.uuid4().hex[:6]}",
+        "image": {"repository": "registry.example/ml/ddl-operator", "tag": "0.1.0-test"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "watch": {"allNamespaces": False, "namespaces": watched},
+        "worker": {"serviceAccountName": "trainer"},
+        "extraArgs": ["--verbose"],
+        "extraEnv": [{"name": "DDL_LOG_FORMAT", "value": "json"}],
+        "serviceAccount": {"annotations": {"example.com/role": "ddl"}},
+        "podAnnotations": {"example.com/scrape": "true"},
+        "podLabels": {"team": "ml-platform"},
+        "priorityClassName": "ddl-high",
+        "metrics": {"port": 9191},
+        "health": {"port": 8181},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+        "serviceMonitor": {"enabled": True, "scrapeTimeout": "10s", "labels": {"release": "kp"}},
+        "podMonitor": {"enabled": True, "interval": "30s", "labels": {"release": "kp"}},
+        "prometheusRule": {
+            "enabled": True,
+            "labels": {"release": "kp"},
+            "additionalRuleLabels": {"team": "ml-platform"},
+            "disabled": {"DDLJobStragglerRank": True},
+        },
+        "dashboards": {
+            "namespace": dashboards_namespace,
+            "annotations": {"grafana_folder": "DDL"},
+        },
+    }
+
+
+def render(release_ns: str, values: dict[str, Any] | None, tmp_path: Path) -> list[dict[str, Any]]:
+    args = ["template", "ddl", str(CHART), "--namespace", release_ns, "--include-crds"]
+    if values is not None:
+        path = tmp_path / "values.yaml"
+        path.write_text(yaml.safe_dump(values))
+        args += ["--values", str(path)]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def dry_run(kubectl: Kubectl, docs: list[dict[str, Any]]) -> None:
+    """Server-side apply, dry run, strict field validation: every object as the API server
+    would store it, with schema, admission and unknown-field checks."""
+    proc = kubectl.run(
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--validate=strict",
+        "--field-manager=chart-test",
+        "-f",
+        "-",
+        input=yaml.safe_dump_all(docs),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("(server dry run)") == len(docs), proc.stdout
+
+
+@pytest.fixture(scope="session")
+def monitoring_crds(kubectl: Kubectl) -> None:
+    kubectl.run("apply", "--server-side", "-f", str(MONITORING_CRDS))
+    for name in ("servicemonitors", "podmonitors", "prometheusrules"):
+        kubectl.run(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            f"crd/{name}.monitoring.coreos.com",
+        )
+
+
+@pytest.fixture
+def extra_namespaces(kubectl: Kubectl) -> Iterator[list[str]]:
+    names = [f"t-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    for name in names:
+        kubectl.run("create", "namespace", name)
+    yield names
+    for name in names:
+        kubectl.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+# ---- lint -----------------------------------------------------------------------------------
+
+
+def test_lint_with_default_values() -> None:
+    helm("lint", "--strict", str(CHART))
+
+
+def test_lint_with_custom_values(tmp_path: Path) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(custom_values(["team-a", "team-b"], "monitoring")))
+    helm("lint", "--strict", str(CHART), "--values", str(path))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("watch.allNamespaces=maybe", "allNamespaces"),
+        ("metrics.port=70000", "port"),
+        ("serviceMonitor.interval=soon", "interval"),
+        ("unknownKey=1", "unknownKey"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+    ],
+)
+def test_schema_refuses_bad_values(setting: str, message: str) -> None:
+    proc = helm("lint", str(CHART), "--set", setting, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+
+
+def test_watching_no_namespace_is_refused(tmp_path: Path) -> None:
+    proc = helm("template", "ddl", str(CHART), "--set", "watch.allNamespaces=false", check=False)
+    assert proc.returncode != 0
+    assert "watch.namespaces must name at least one namespace" in proc.stderr
+
+
+# ---- rendered manifests -------------------------------------------------------------------
+
+
+def test_default_render(tmp_path: Path) -> None:
+    docs = render("ddl-system", None, tmp_path)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        [
+            "CustomResourceDefinition",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Service",
+            "ConfigMap",
+            "ConfigMap",
+        ]
+    )
+    (deployment,) = by_kind(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "ddl-operator:0.1.0"
+    assert container["args"] == ["--all-namespaces", "--metrics-port=9090", "--liveness-port=8080"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["resources"]["requests"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "metrics": 9090,
+        "health": 8080,
+    }
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {
+        "DDL_WORKER_SERVICE_ACCOUNT": "ddl-worker",
+        "DDL_WORKER_CLUSTER_ROLE": "ddl-ddl-operator-worker",
+    }
+    selector = spec["selector"]["matchLabels"]
+    assert not SELECTOR_FORBIDDEN & set(selector)
+    assert selector.items() <= spec["template"]["metadata"]["labels"].items()
+    (service,) = by_kind(docs, "Service")
+    assert not SELECTOR_FORBIDDEN & set(service["spec"]["selector"])
+    for doc in docs:
+        if doc["kind"] != "CustomResourceDefinition":
+            assert doc["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    for configmap in by_kind(docs, "ConfigMap"):
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        ((key, text),) = configmap["data"].items()
+        assert key.endswith(".json")
+        assert text == (CHART / "dashboards" / key).read_text().rstrip("\n")
+
+
+def test_rbac_never_touches_secrets(tmp_path: Path) -> None:
+    for values in (None, custom_values(["team-a"], "")):
+        docs = render("ddl-system", values, tmp_path)
+        for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+            for rule in role["rules"]:
+                assert "secrets" not in rule["resources"]
+                assert "*" not in rule["resources"] and "*" not in rule["verbs"]
+
+
+def test_custom_render(tmp_path: Path) -> None:
+    values = custom_values(["team-a", "team-b"], "monitoring")
+    docs = render("ddl-system", values, tmp_path)
+    name = values["fullnameOverride"]
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    (cluster_role,) = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"] == name]
+    resources = {res for rule in cluster_role["rules"] for res in rule["resources"]}
+    assert resources == {"nodes", "customresourcedefinitions"}
+    (container,) = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example/ml/ddl-operator:0.1.0-test"
+    assert container["args"] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+        "--metrics-port=9191",
+        "--liveness-port=8181",
+        "--verbose",
+    ]
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["honorLabels"] is True and endpoint["scrapeTimeout"] == "10s"
+    assert endpoint["relabelings"] == [
+        {"action": "replace", "targetLabel": "job", "replacement": "ddl-operator"}
+    ]
+    (pods,) = by_kind(docs, "PodMonitor")
+    assert pods["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+    assert pods["spec"]["selector"] == {"matchLabels": {"ddl-operator.dev/role": "worker"}}
+    (rule,) = by_kind(docs, "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert "DDLJobStragglerRank" not in alerts
+    assert {"DDLJobUnschedulable", "DDLOperatorDown"} <= set(alerts)
+    for alert in alerts.values():
+        assert alert["labels"]["team"] == "ml-platform" and alert["labels"]["severity"]
+        assert (
+            "{{ $labels" in alert["annotations"]["summary"] or alert["alert"] == "DDLOperatorDown"
+        )
+    for configmap in by_kind(docs, "ConfigMap"):
+        assert configmap["metadata"]["namespace"] == "monitoring"
+        assert configmap["metadata"]["annotations"] == {"grafana_folder": "DDL"}
+
+
+# ---- the real API server ------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("crd_installed")
+def test_default_render_passes_server_side_dry_run(
+    kubectl: Kubectl, namespace: str, tmp_path: Path
+) -> None:
+    dry_run(kubectl, render(namespace, None, tmp_path))
+
+
+@pytest.mark.usefixtures("crd_installed", "monitoring_crds")
+def test_custom_render_passes_server_side_dry_run(
+    kubectl: Kubectl, namespace: str, extra_namespaces: list[str], tmp_path: Path
+) -> None:
+    watched, dashboards = extra_namespaces[:2], extra_namespaces[2]
+    docs = render(namespace, custom_values(watched, dashboards), tmp_path)
+    assert by_kind(docs, "PrometheusRule") and by_kind(docs, "PodMonitor")
+    dry_run(kubectl, docs)
+
+
+@pytest.mark.usefixtures("crd_installed")
+def test_rbac_is_enough_and_no_more(
+    kubectl: Kubectl, namespace: str, extra_namespaces: list[str], tmp_path: Path
+) -> None:
+    """Applies the chart's RBAC for real (namespaced mode), then asks the authorizer what the
+    operator and a worker may do."""
+    job_ns, other_ns = extra_namespaces[0], extra_namespaces[1]
+    values = custom_values([job_ns], "")
+    docs = render(namespace, values, tmp_path)
+    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    rbac = [d for d in docs if d["kind"] in rbac_kinds]
+    kubectl.run("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
+    name = values["fullnameOverride"]
+    operator = f"system:serviceaccount:{namespace}:{name}"
+    worker = f"system:serviceaccount:{job_ns}:trainer"
+    try:
+
+        def can(user: str, verb: str, resource: str, ns: str | None) -> bool:
+            scope = ["-n", ns] if ns else []
+            proc = kubectl.run("auth", "can-i", verb, resource, *scope, f"--as={user}", check=False)
+            return proc.stdout.strip() == "yes"
+
+        allowed = [
+            ("list", "ddljobs.ddl-operator.dev", job_ns),
+            ("patch", "ddljobs.ddl-operator.dev/status", job_ns),
+            ("get", "ddljobs.ddl-operator.dev/scale", job_ns),
+            ("create", "pods", job_ns),
+            ("delete", "pods", job_ns),
+            ("create", "services", job_ns),
+            ("create", "events", job_ns),
+            ("create", "events.events.k8s.io", job_ns),
+            ("create", "serviceaccounts", job_ns),
+            ("create", "rolebindings", job_ns),
+            ("watch", "nodes", None),
+            ("list", "customresourcedefinitions", None),
+        ]
+        refused = [
+            ("get", "secrets", job_ns),
+            ("delete", "ddljobs.ddl-operator.dev", job_ns),
+            ("create", "ddljobs.ddl-operator.dev", job_ns),
+            ("create", "pods", other_ns),
+            ("list", "pods", other_ns),
+            ("patch", "nodes", None),
+            ("list", "namespaces", None),
+            ("create", "clusterrolebindings", None),
+        ]
+        for verb, resource, ns in allowed:
+            assert can(operator, verb, resource, ns), f"operator cannot {verb} {resource}"
+        for verb, resource, ns in refused:
+            assert not can(operator, verb, resource, ns), f"operator may {verb} {resource}"
+
+        # The operator can give workers their identity, and nothing stronger.
+        as_operator = f"--as={operator}"
+        kubectl.run("create", "serviceaccount", "trainer", "-n", job_ns, as_operator)
+        kubectl.run(
+            "create", "rolebinding", "trainer", "-n", job_ns,
+            f"--clusterrole={name}-worker", f"--serviceaccount={job_ns}:trainer", as_operator,
+        )  # fmt: skip
+        escalation = kubectl.run(
+            "create", "rolebinding", "admin", "-n", job_ns, "--clusterrole=admin",
+            f"--serviceaccount={job_ns}:trainer", as_operator, check=False,
+        )  # fmt: skip
+        assert escalation.returncode != 0 and "forbidden" in escalation.stderr
+
+        for verb, resource in [("watch", "ddljobs.ddl-operator.dev"), ("patch", "pods")]:
+            assert can(worker, verb, resource, job_ns), f"worker cannot {verb} {resource}"
+        for verb, resource in [
+            ("create", "pods"),
+            ("delete", "pods"),
+            ("patch", "ddljobs.ddl-operator.dev"),
+            ("get", "secrets"),
+        ]:
+            assert not can(worker, verb, resource, job_ns), f"worker may {verb} {resource}"
+    finally:
+        for doc in rbac:
+            if doc["kind"] in {"ClusterRole", "ClusterRoleBinding"}:
+                kubectl.run("delete", doc["kind"], doc["metadata"]["name"], check=False)
