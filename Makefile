@@ -8,7 +8,7 @@ STAMPS := .stamps
 # torch is pinned to the version the GPU check machine carries, so one source builds on both.
 TORCH_SPEC ?= torch==2.11.0
 
-.PHONY: all install k8s crds lint test test-unit test-integration test-distributed cluster-up cluster-down clean
+.PHONY: all install k8s crds lint test test-unit test-integration test-distributed cluster-up cluster-down demo demo-down clean
 
 all: test
 
@@ -53,6 +53,12 @@ cluster-up: install k8s
 
 cluster-down: install
 	$(BIN)/ddl-cluster down
+
+# The main job on the local cluster; `make demo-down` stops everything it started.
+demo: install k8s
+	$(BIN)/ddl-cluster demo
+
+demo-down: cluster-down
 
 clean:
 	rm -rf $(STAMPS) build *.egg-info

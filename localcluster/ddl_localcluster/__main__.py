@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything `up` started")
     sub.add_parser("status", help="show which components run")
     sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
+    sub.add_parser("demo", help="control plane + kwok GPU nodes + operator + example job")
     args = parser.parse_args(argv)
     cp = ControlPlane(args.dir or default_dir())
     try:
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             print(f"export KUBECONFIG={cp.kubeconfig}")
+        elif args.command == "demo":
+            from ddl_localcluster import demo
+
+            return demo.run(cp)
         elif args.command == "down":
             cp.stop()
             left = cp.running()

@@ -16,7 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -300,7 +300,13 @@ class ControlPlane:
             "--profiling=false",
         ]
 
-    def _spawn(self, state: dict[str, Any], name: str, argv: Sequence[str]) -> None:
+    def _spawn(
+        self,
+        state: dict[str, Any],
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         with self.log(name).open("ab") as log:
             proc = subprocess.Popen(
                 list(argv),
@@ -308,9 +314,14 @@ class ControlPlane:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env=dict(env) if env is not None else None,
             )
         state["pids"][name] = proc.pid
         self._save(state)
+
+    def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """Starts another process that `stop` (and `ddl-cluster down`) will also stop."""
+        self._spawn(self.state(), name, argv, env)
 
     def _save(self, state: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
