@@ -8,7 +8,7 @@ STAMPS := .stamps
 # torch is pinned to the version the GPU check machine carries, so one source builds on both.
 TORCH_SPEC ?= torch==2.11.0
 
-.PHONY: all install k8s crds lint test test-unit test-integration test-distributed cluster-up cluster-down demo demo-down clean
+.PHONY: all install system-deps k8s crds lint test test-unit test-integration test-distributed cluster-up cluster-down demo demo-down clean
 
 all: test
 
@@ -23,6 +23,12 @@ $(STAMPS)/venv: pyproject.toml | $(STAMPS)
 	touch $@
 
 install: $(STAMPS)/venv
+
+# System packages the tests use: promtool (Debian's prometheus) checks the alert rules.
+system-deps:
+	@command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus (promtool)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 # Control-plane binaries, built from the Go module proxy into a cache outside the repo.
 k8s:
@@ -45,7 +51,7 @@ test-integration: install k8s
 test-distributed: install
 	$(BIN)/pytest -q tests/distributed
 
-test: install k8s lint
+test: install k8s system-deps lint
 	$(BIN)/pytest -q tests
 
 cluster-up: install k8s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import kopf
@@ -30,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="service account for worker pods that set none (the chart creates its RBAC)",
     )
+    parser.add_argument(
+        "--worker-cluster-role",
+        default=os.environ.get("DDL_WORKER_CLUSTER_ROLE"),
+        help="ClusterRole to bind to the worker service account in each job namespace "
+        "(default: $DDL_WORKER_CLUSTER_ROLE)",
+    )
     parser.add_argument("--workers", type=int, default=controller.WORKERS, help="reconcilers")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--version", action="version", version=__version__)
@@ -37,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("kopf.objects", "kopf.activities", "kubernetes.client.rest"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     controller.SETTINGS.worker_service_account = args.worker_service_account
+    controller.SETTINGS.worker_cluster_role = args.worker_cluster_role
     controller.SETTINGS.workers = args.workers
     if args.metrics_port:
         start_http_server(args.metrics_port)

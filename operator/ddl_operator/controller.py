@@ -39,6 +39,8 @@ class Settings:
     """Operator options from the command line."""
 
     worker_service_account: str | None = None
+    # ClusterRole bound to the workers' account in each job namespace (the chart's worker role).
+    worker_cluster_role: str | None = None
     workers: int = WORKERS
 
 
@@ -122,7 +124,12 @@ def reconcile_job(key: JobKey) -> float | None:
             service_account=SETTINGS.worker_service_account,
         )
         metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - t0)
-        KUBE.apply(snap, plan)
+        identity = (
+            (SETTINGS.worker_service_account, SETTINGS.worker_cluster_role)
+            if SETTINGS.worker_service_account and SETTINGS.worker_cluster_role
+            else None
+        )
+        KUBE.apply(snap, plan, identity)
     status = plan.status
     pending = max(0, snap.job.spec.replicas - status.replicas) * snap.job.spec.gpus_per_worker
     metrics.PENDING_GPUS.labels(namespace, name).set(pending)
@@ -174,10 +181,10 @@ async def _worker(queue: WorkQueue) -> None:
 async def _resync(queue: WorkQueue) -> None:
     """Level-triggered safety net: look at every known job now and then."""
     while True:
+        await asyncio.to_thread(_count_phases)
         await asyncio.sleep(RESYNC_SECONDS)
         for key in list(KNOWN_JOBS):
             queue.add(key)
-        _count_phases()
 
 
 def _count_phases() -> None:

@@ -98,12 +98,20 @@ class Kube:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def apply(self, snap: Snapshot, plan: Plan) -> None:
-        """Children first, then the status once; events only after the status write."""
+    def apply(
+        self, snap: Snapshot, plan: Plan, worker_identity: tuple[str, str] | None = None
+    ) -> None:
+        """Children first, then the status once; events only after the status write.
+
+        `worker_identity` is (service account, cluster role): workers need to read their
+        job and report on their pod, so each namespace gets that account bound to the role.
+        """
         job = snap.job
         ns = job.metadata.namespace
         if plan.create:
             self._ensure_service(job)
+            if worker_identity:
+                self.ensure_worker_identity(ns, *worker_identity)
         for manifest in plan.create:
             try:
                 self.core.create_namespaced_pod(ns, manifest)
@@ -134,6 +142,41 @@ class Kube:
                 {**snap.body, "status": new_status},
             )
         self.post_events(snap.body, plan.events)
+
+    def ensure_worker_identity(self, namespace: str, account: str, cluster_role: str) -> None:
+        """The workers' ServiceAccount and its RoleBinding to the chart's worker role."""
+        rbac = client.RbacAuthorizationV1Api(self.api)
+        sa = {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {
+                "name": account,
+                "labels": {"app.kubernetes.io/managed-by": "ddl-operator"},
+            },
+        }
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {
+                "name": account,
+                "labels": {"app.kubernetes.io/managed-by": "ddl-operator"},
+            },
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": cluster_role,
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+        }
+        for create, body in (
+            (self.core.create_namespaced_service_account, sa),
+            (rbac.create_namespaced_role_binding, binding),
+        ):
+            try:
+                create(namespace, body)
+            except ApiException as err:
+                if err.status != 409:
+                    raise
 
     def _ensure_service(self, job: DDLJob) -> None:
         try:

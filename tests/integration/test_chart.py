@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ddl_localcluster.controlplane import binary
+from ddl_localcluster.controlplane import binary, pinned_versions
 
 from conftest import Kubectl
 
@@ -20,12 +20,16 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "ddl-operator"
 MONITORING_CRDS = Path(__file__).parent / "fixtures" / "monitoring.coreos.com-crds.yaml"
 SELECTOR_FORBIDDEN = {"helm.sh/chart", "app.kubernetes.io/version"}
+# The version of the pinned API server; helm built from source otherwise assumes v1.20.
+KUBE_VERSION = pinned_versions()["KUBERNETES_VERSION"]
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(binary("helm")), *args], capture_output=True, text=True, timeout=120)
+def helm(command: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The pinned helm; lint and template check against the pinned Kubernetes version."""
+    argv = [str(binary("helm")), command, *args, f"--kube-version={KUBE_VERSION}"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
+        raise AssertionError(f"helm {command} {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
     return proc
 
 
@@ -63,12 +67,12 @@ def custom_values(watched: list[str], dashboards_namespace: str) -> dict[str, An
 
 
 def render(release_ns: str, values: dict[str, Any] | None, tmp_path: Path) -> list[dict[str, Any]]:
-    args = ["template", "ddl", str(CHART), "--namespace", release_ns, "--include-crds"]
+    args = ["ddl", str(CHART), "--namespace", release_ns, "--include-crds"]
     if values is not None:
         path = tmp_path / "values.yaml"
         path.write_text(yaml.safe_dump(values))
         args += ["--values", str(path)]
-    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+    return [d for d in yaml.safe_load_all(helm("template", *args).stdout) if d]
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -175,7 +179,12 @@ def test_default_render(tmp_path: Path) -> None:
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "ddl-operator:0.1.0"
-    assert container["args"] == ["--all-namespaces", "--metrics-port=9090", "--liveness-port=8080"]
+    assert container["args"] == [
+        "--all-namespaces",
+        "--metrics-port=9090",
+        "--liveness-port=8080",
+        "--worker-service-account=ddl-worker",
+    ]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
@@ -187,10 +196,7 @@ def test_default_render(tmp_path: Path) -> None:
         "health": 8080,
     }
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env == {
-        "DDL_WORKER_SERVICE_ACCOUNT": "ddl-worker",
-        "DDL_WORKER_CLUSTER_ROLE": "ddl-ddl-operator-worker",
-    }
+    assert env == {"DDL_WORKER_CLUSTER_ROLE": "ddl-ddl-operator-worker"}
     selector = spec["selector"]["matchLabels"]
     assert not SELECTOR_FORBIDDEN & set(selector)
     assert selector.items() <= spec["template"]["metadata"]["labels"].items()
@@ -221,6 +227,17 @@ def test_custom_render(tmp_path: Path) -> None:
     name = values["fullnameOverride"]
     roles = by_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    worker_accounts = [
+        d for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"] == "trainer"
+    ]
+    assert sorted(a["metadata"]["namespace"] for a in worker_accounts) == ["team-a", "team-b"]
+    worker_bindings = [
+        b for b in by_kind(docs, "RoleBinding") if b["roleRef"]["name"] == f"{name}-worker"
+    ]
+    assert [b["subjects"] for b in worker_bindings] == [
+        [{"kind": "ServiceAccount", "name": "trainer", "namespace": ns}]
+        for ns in ("team-a", "team-b")
+    ]
     (cluster_role,) = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"] == name]
     resources = {res for rule in cluster_role["rules"] for res in rule["resources"]}
     assert resources == {"nodes", "customresourcedefinitions"}
@@ -231,6 +248,7 @@ def test_custom_render(tmp_path: Path) -> None:
         "--namespace=team-b",
         "--metrics-port=9191",
         "--liveness-port=8181",
+        "--worker-service-account=trainer",
         "--verbose",
     ]
     (monitor,) = by_kind(docs, "ServiceMonitor")
@@ -286,6 +304,7 @@ def test_rbac_is_enough_and_no_more(
     values = custom_values([job_ns], "")
     docs = render(namespace, values, tmp_path)
     rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    # The chart gives workers their identity in the namespaces it watches.
     rbac = [d for d in docs if d["kind"] in rbac_kinds]
     kubectl.run("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
     name = values["fullnameOverride"]
@@ -327,16 +346,16 @@ def test_rbac_is_enough_and_no_more(
         for verb, resource, ns in refused:
             assert not can(operator, verb, resource, ns), f"operator may {verb} {resource}"
 
-        # The operator can give workers their identity, and nothing stronger.
+        # The operator can give workers an identity itself, and nothing stronger.
         as_operator = f"--as={operator}"
-        kubectl.run("create", "serviceaccount", "trainer", "-n", job_ns, as_operator)
+        kubectl.run("create", "serviceaccount", "probe", "-n", job_ns, as_operator)
         kubectl.run(
-            "create", "rolebinding", "trainer", "-n", job_ns,
-            f"--clusterrole={name}-worker", f"--serviceaccount={job_ns}:trainer", as_operator,
+            "create", "rolebinding", "probe", "-n", job_ns,
+            f"--clusterrole={name}-worker", f"--serviceaccount={job_ns}:probe", as_operator,
         )  # fmt: skip
         escalation = kubectl.run(
             "create", "rolebinding", "admin", "-n", job_ns, "--clusterrole=admin",
-            f"--serviceaccount={job_ns}:trainer", as_operator, check=False,
+            f"--serviceaccount={job_ns}:probe", as_operator, check=False,
         )  # fmt: skip
         assert escalation.returncode != 0 and "forbidden" in escalation.stderr
 
