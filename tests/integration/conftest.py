@@ -90,9 +90,16 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
 class OperatorProcess:
     """The operator as users run it: `python -m ddl_operator` against the control plane."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log_path: Path,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
+        self.args, self.env = args, env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0
 
@@ -108,8 +115,9 @@ class OperatorProcess:
                     "ddl_operator",
                     f"--liveness-port={liveness}",
                     f"--metrics-port={self.metrics_port}",
+                    *self.args,
                 ],
-                env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+                env={**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig)},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
