@@ -259,3 +259,21 @@ def test_rank0_report_reaches_the_status() -> None:
     cl.pods[rank0] = replace(cl.pods[rank0], report=report)
     status = cl.step().status
     assert (status.step, status.throughput, status.sync_wait_ratio) == (40, 512.5, 0.12)
+
+
+@pytest.mark.parametrize(("slow", "expected"), [(1.1, False), (1.5, True)])
+def test_straggler_is_named_by_compute_time(slow: float, expected: bool) -> None:
+    cl = Cluster(make_ddljob(replicas=4, gpus=8), rack_nodes())
+    cl.settle()
+    members = cl.members()
+    for i, name in enumerate(members):
+        # Everyone's step takes 1 s; the slow one computes longer and waits less.
+        compute = 0.5 * (slow if i == 2 else 1.0)
+        report = {"epoch": 1, "stepSeconds": 1.0, "syncWaitRatio": 1.0 - compute}
+        cl.pods[name] = replace(cl.pods[name], report=report)
+    plan = cl.step()
+    status, message = cond(cl, "Straggler")
+    assert (status == "True") is expected
+    if expected:
+        assert "rank 2" in message and members[2] in message and "50% slower" in message
+        assert any(e.reason == "Straggler" for e in plan.events)

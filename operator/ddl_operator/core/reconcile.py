@@ -330,6 +330,20 @@ def reconcile(
             stamp,
         ),
     ]
+    straggler = find_straggler(rendezvous, by_name)
+    new_conditions.append(
+        _condition(
+            conds,
+            "Straggler",
+            straggler is not None,
+            "SlowWorker" if straggler else "Balanced",
+            straggler or "",
+            stamp,
+        )
+    )
+    previous_straggler = next((x for x in conds if x.type == "Straggler"), None)
+    if straggler and (previous_straggler is None or previous_straggler.status != "True"):
+        plan.events.append(Event("Warning", "Straggler", straggler))
     previous = next((x for x in conds if x.type == "Unschedulable"), None)
     if unschedulable and (previous is None or previous.message != unschedulable.reason):
         plan.events.append(Event("Warning", "Unschedulable", unschedulable.reason))
@@ -388,6 +402,42 @@ def _surplus(alive: Sequence[WorkerPod], members: Sequence[str], count: int) -> 
         )
 
     return sorted(alive, key=cost)[:count]
+
+
+STRAGGLER_RATIO = 1.2
+
+
+def find_straggler(rendezvous: Rendezvous | None, pods: Mapping[str, WorkerPod]) -> str | None:
+    """A sentence naming the slowest worker if its compute time per step (step time minus
+    sync-wait) exceeds the median of the others by over 20%; None otherwise.
+
+    In synchronous training every rank's step takes as long as the slowest, so the step time
+    cannot tell; the straggler is the one that waits least for communication.
+    """
+    if not rendezvous or len(rendezvous.members) < 3:
+        return None
+    compute: list[tuple[float, Member]] = []
+    for member in rendezvous.members:
+        pod = pods.get(member.pod)
+        report = pod.report if pod else None
+        if not report or report.get("epoch") != rendezvous.epoch:
+            return None
+        try:
+            step = float(report["stepSeconds"])
+            wait = float(report["syncWaitRatio"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        compute.append((step * (1.0 - wait), member))
+    compute.sort(key=lambda pair: pair[0])
+    slowest, member = compute[-1]
+    others = [seconds for seconds, _ in compute[:-1]]
+    median = others[len(others) // 2]
+    if median <= 0 or slowest <= STRAGGLER_RATIO * median:
+        return None
+    return (
+        f"rank {member.rank} ({member.pod} on {member.node}) computes "
+        f"{(slowest / median - 1) * 100:.0f}% slower per step than the median worker"
+    )
 
 
 def _rank0_report(rendezvous: Rendezvous | None, pods: Mapping[str, WorkerPod]) -> dict[str, Any]:
