@@ -277,3 +277,19 @@ def test_straggler_is_named_by_compute_time(slow: float, expected: bool) -> None
     if expected:
         assert "rank 2" in message and members[2] in message and "50% slower" in message
         assert any(e.reason == "Straggler" for e in plan.events)
+
+
+def test_failed_training_restarts_the_gang_at_a_new_epoch() -> None:
+    cl = Cluster(make_ddljob(replicas=2, gpus=8, failurePolicy={"maxRestarts": 1}), rack_nodes())
+    cl.settle()
+    members = cl.members()
+    failed = {"epoch": 1, "state": "Failed", "message": "rank 3 exited with code 1"}
+    cl.pods[members[1]] = replace(cl.pods[members[1]], report=failed)
+    plan = cl.step()
+    assert cl.job.status.epoch == 2 and cl.members() == members, "same workers, new epoch"
+    assert cl.job.status.restarts == 1 and not plan.delete
+    cl.step()
+    assert cl.job.status.epoch == 2 and cl.job.status.restarts == 1, "counted once"
+    cl.pods[members[0]] = replace(cl.pods[members[0]], report={**failed, "epoch": 2})
+    cl.step()
+    assert cl.job.status.phase == "Failed" and "maxRestarts" in cl.job.status.message

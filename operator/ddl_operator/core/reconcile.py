@@ -190,12 +190,28 @@ def reconcile(
 
     # -- losses -------------------------------------------------------------------------------
     lost_members = [m for m in members if m not in by_name or m in lost]
+    # A training process failed while its pod lives on: the agent says so at this epoch and
+    # waits; the gang restarts at a new epoch (from the last checkpoint).
+    failed_training = [
+        m
+        for m in members
+        if m not in lost
+        and (r := by_name[m].report) is not None
+        and r.get("epoch") == old.epoch
+        and r.get("state") == "Failed"
+    ]
     restarts, last_failure = old.restarts, old.last_failure_time
-    if lost_members:
-        # Counted once: this pass publishes a membership without them.
+    if lost_members or failed_training:
+        # Counted once: this pass publishes a new epoch, so the same losses are not seen again.
         restarts += 1
         last_failure = stamp
-        reasons = ", ".join(f"{m} {lost.get(m, 'is gone')}" for m in lost_members)
+        reasons = ", ".join(
+            [f"{m} {lost.get(m, 'is gone')}" for m in lost_members]
+            + [
+                f"{m} failed: {by_name[m].report.get('message', '')}"  # type: ignore[union-attr]
+                for m in failed_training
+            ]
+        )
         plan.events.append(Event("Warning", "WorkerLost", f"epoch {old.epoch}: {reasons}"))
         limit = spec.failure_policy.max_restarts
         if restarts > limit:
@@ -255,7 +271,7 @@ def reconcile(
     ]
     rendezvous, epoch = old.rendezvous, old.epoch
     running_names = {p.name for p in running}
-    must_change = bool(lost_members or removed)
+    must_change = bool(lost_members or removed or failed_training)
     can_grow = running_names != set(members) and not waiting
     if (must_change or can_grow) and len(running) >= spec.min_replicas:
         epoch += 1
