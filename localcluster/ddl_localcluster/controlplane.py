@@ -372,6 +372,10 @@ class ControlPlane:
         pids: dict[str, int] = state.get("pids", {})
         for name in reversed(list(pids)):
             stop_process_group(pids[name], grace)
+        # A node agent that was killed cannot clean up its pods and network namespaces.
+        from ddl_localcluster.nodeagent import cleanup
+
+        cleanup(self.dir / "nodeagent")
         if state:
             state["pids"] = {}
             self._save(state)

@@ -228,11 +228,15 @@ def test_restarts_beyond_the_limit_fail_the_job() -> None:
     assert cl.job.status.phase == "Failed" and "maxRestarts" in cl.job.status.message
 
 
-def test_all_members_succeeding_completes_the_job() -> None:
-    cl = Cluster(make_ddljob(replicas=2, gpus=8), rack_nodes())
+def test_members_finishing_one_by_one_complete_the_job_without_reforming() -> None:
+    cl = Cluster(make_ddljob(replicas=2, min_replicas=1, max_replicas=2, gpus=8), rack_nodes())
     cl.settle()
-    for name in cl.members():
-        cl.pods[name] = replace(cl.pods[name], phase="Succeeded", exit_code=0)
+    first, second = cl.members()
+    cl.pods[first] = replace(cl.pods[first], phase="Succeeded", exit_code=0)
+    plan = cl.step()
+    assert cl.job.status.phase == "Running" and cl.job.status.epoch == 1
+    assert not (plan.create or plan.place or plan.delete), "no replacement for a finished worker"
+    cl.pods[second] = replace(cl.pods[second], phase="Succeeded", exit_code=0)
     cl.step()
     assert cl.job.status.phase == "Succeeded"
     assert cl.step().status.phase == "Succeeded"

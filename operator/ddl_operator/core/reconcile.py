@@ -179,14 +179,27 @@ def reconcile(
         if p.phase == "Failed" and p.exit_code in spec.failure_policy.non_retryable_exit_codes
     ]
     if permanent:
-        p = permanent[0]
-        msg = f"worker {p.name} exited with non-retryable code {p.exit_code}"
+        msg = f"worker {permanent[0].name} exited with non-retryable code {permanent[0].exit_code}"
         return finish("Failed", msg, Event("Warning", "Failed", msg))
-    if members and all(
-        (pod := by_name.get(m)) is not None and pod.phase == "Succeeded" for m in members
-    ):
-        msg = f"all {len(members)} workers succeeded at epoch {old.epoch}"
-        return finish("Succeeded", msg, Event("Normal", "Succeeded", msg))
+    phase_of = {m: by_name[m].phase if m in by_name else "Gone" for m in members}
+    finished = [m for m in members if phase_of[m] == "Succeeded"]
+    if finished:
+        # Training is over once any member completed: no re-forming, no replacements; the
+        # job succeeds when no member is left running.
+        busy = [m for m in members if phase_of[m] in ("Pending", "Running")]
+        if not busy:
+            msg = f"{len(finished)} of {len(members)} workers succeeded at epoch {old.epoch}"
+            return finish("Succeeded", msg, Event("Normal", "Succeeded", msg))
+        plan.delete = sorted(p.name for p in pods if p.name not in members and not p.deleting)
+        plan.status = status.model_copy(
+            update={
+                "phase": "Running",
+                "ready_replicas": len(busy),
+                "message": f"finishing: {len(finished)} of {len(members)} workers done",
+            }
+        )
+        plan.requeue_after = 5.0
+        return plan
 
     # -- losses -------------------------------------------------------------------------------
     lost_members = [m for m in members if m not in by_name or m in lost]
