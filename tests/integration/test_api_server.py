@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from builders import DELETE, make_ddljob, set_path
-from conftest import Kubectl
+from kubetools import Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import yaml
 
 from ddl_localcluster.controlplane import binary, pinned_versions
 
-from conftest import Kubectl
+from kubetools import Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "ddl-operator"

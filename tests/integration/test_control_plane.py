@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ddl_localcluster.controlplane import ControlPlane
 
-from conftest import Kubectl
+from kubetools import Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 

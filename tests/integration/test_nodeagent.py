@@ -20,7 +20,7 @@ from ddl_localcluster import netns
 from ddl_localcluster.controlplane import ControlPlane, wait_for
 from ddl_localcluster.topology import ClusterSpec, TopologyError, rate_bits
 
-from conftest import Kubectl
+from kubetools import Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "local-cluster.yaml"

@@ -12,7 +12,7 @@ import yaml
 from ddl_operator.api import constants as c
 
 from builders import make_ddljob
-from conftest import FakeCluster, Kubectl, OperatorProcess, fake_node, make_fake_cluster
+from kubetools import FakeCluster, Kubectl, OperatorProcess, fake_node, make_fake_cluster
 
 pytestmark = pytest.mark.usefixtures("operator", "kwok")
 

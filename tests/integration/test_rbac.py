@@ -13,7 +13,7 @@ from test_operator import submit, wait_for, worker_pods
 
 from ddl_localcluster.controlplane import ControlPlane, binary
 
-from conftest import Kubectl, OperatorProcess, make_fake_cluster
+from kubetools import Kubectl, OperatorProcess, make_fake_cluster
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "ddl-operator"
 
