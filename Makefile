@@ -8,21 +8,33 @@ STAMPS := .stamps
 # torch is pinned to the version the GPU check machine carries, so one source builds on both.
 TORCH_SPEC ?= torch==2.11.0
 
-.PHONY: all install system-deps k8s crds lint test test-unit test-integration test-distributed cluster-up cluster-down demo demo-down clean
+.PHONY: all install system-deps cuda-check k8s crds lint test test-unit test-integration test-distributed test-e2e cluster-up cluster-down demo demo-down clean
 
 all: test
 
 $(STAMPS):
 	mkdir -p $(STAMPS)
 
-$(STAMPS)/venv: pyproject.toml | $(STAMPS)
+# setuptools below 82: torch 2.11 requires it.
+$(STAMPS)/venv: pyproject.toml setup.py | $(STAMPS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q --upgrade pip "setuptools>=69,<82" wheel
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --no-build-isolation -e ".[operator,worker,dev]"
+	touch $@ $(STAMPS)/native
+
+# The native extension (CPU part always; CUDA/NCCL where a toolkit exists), rebuilt in place
+# when its sources change.
+NATIVE_SOURCES := $(shell find native -type f 2>/dev/null)
+$(STAMPS)/native: $(STAMPS)/venv $(NATIVE_SOURCES)
+	$(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 
-install: $(STAMPS)/venv
+install: $(STAMPS)/venv $(STAMPS)/native
+
+# Compile-only check of the CUDA/NCCL sources with nvcc from PyPI (no GPU needed).
+cuda-check: install
+	scripts/compile-cuda-check.sh
 
 # System packages the tests use: promtool (Debian's prometheus) checks the alert rules.
 system-deps:
@@ -51,7 +63,12 @@ test-integration: install k8s
 test-distributed: install
 	$(BIN)/pytest -q tests/distributed
 
-test: install k8s system-deps lint
+test-e2e: install k8s
+	$(BIN)/pytest -q tests/e2e
+
+# Every layer: unit, integration (control plane, kwok, helm), distributed (Gloo), e2e (local
+# cluster, real training), gpu (skips without a GPU; DDL_TEST_GPU=1 makes it fail instead).
+test: install k8s system-deps lint cuda-check
 	$(BIN)/pytest -q tests
 
 cluster-up: install k8s
