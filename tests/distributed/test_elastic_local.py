@@ -7,9 +7,9 @@ import signal
 import time
 from pathlib import Path
 
-from workerutil import job_log, make_job_manifest, progress, read_json, start_local_job, wait_for
-
 from ddl_worker.checkpoint import Checkpointer
+
+from workerutil import job_log, make_job_manifest, progress, read_json, start_local_job, wait_for
 
 EVERY = 10
 STEPS = 100

@@ -9,6 +9,11 @@ import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from ddl_worker.checkpoint import Checkpointer
+from ddl_worker.env import EXIT_CODE_TERMINATED
+from ddl_worker.metrics import GpuReader
+
 from workerutil import (
     EXAMPLE_SCRIPT,
     job_log,
@@ -18,10 +23,6 @@ from workerutil import (
     start_local_job,
     wait_for,
 )
-
-from ddl_worker.checkpoint import Checkpointer
-from ddl_worker.env import EXIT_CODE_TERMINATED
-from ddl_worker.metrics import GpuReader
 
 PODS = ("metrics-w0", "metrics-w1")
 ALLOWED_LABELS = {"job", "namespace", "rank", "node", "tier", "le"}

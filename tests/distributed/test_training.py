@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from prometheus_client import REGISTRY
 from torch import nn
-from workerutil import EXAMPLE_MANIFEST, job_log, read_json, start_local_job
 
 from ddl_worker.checkpoint import Checkpointer
+
+from workerutil import EXAMPLE_MANIFEST, job_log, read_json, start_local_job
 
 GLOBAL_BATCH = 9  # odd: two ranks get 5 and 4 samples, so Batch.weight matters
 STEPS = 4

@@ -97,13 +97,16 @@ class KernelTest(unittest.TestCase):
         for wire in (torch.bfloat16, torch.float16):
             for size in SIZES:
                 for offset in (0, 1):  # aligned (vector path) and unaligned (scalar path)
-                    src = torch.randn(size + offset, generator=g)[offset:]
-                    residual = torch.randn(size + offset, generator=g)[offset:] * 1e-3
+                    # Slice on the device: a copy of a CPU view would be aligned again.
+                    src_base = torch.randn(size + offset, generator=g)
+                    res_base = torch.randn(size + offset, generator=g) * 1e-3
+                    src, residual = src_base[offset:], res_base[offset:]
+                    src_gpu = src_base.to(self.device)[offset:]
+                    res_gpu = res_base.to(self.device)[offset:]
                     scale = 0.25
                     y = src.double() * scale + residual.double()
-                    out = torch.empty(size, dtype=wire, device=self.device)
-                    res_gpu = residual.to(self.device)
-                    torch.ops.ddl.compress_ef_(src.to(self.device), out, res_gpu, scale)
+                    out = torch.empty(size + offset, dtype=wire, device=self.device)[offset:]
+                    torch.ops.ddl.compress_ef_(src_gpu, out, res_gpu, scale)
                     where = f"{wire} size={size} offset={offset}"
                     # One rounding to the wire format (from float32, so allow one more ulp of
                     # float32 in y), and the residual carries exactly what was lost.
@@ -117,7 +120,7 @@ class KernelTest(unittest.TestCase):
                     recon = out.cpu().double() + res_gpu.cpu().double()
                     torch.testing.assert_close(recon, y, rtol=4 * _ulp(torch.float32), atol=1e-9)
                     no_feedback = torch.empty_like(out)
-                    torch.ops.ddl.compress_ef_(src.to(self.device), no_feedback, None, scale)
+                    torch.ops.ddl.compress_ef_(src_gpu, no_feedback, None, scale)
                     torch.testing.assert_close(
                         no_feedback.cpu().double(),
                         (src.double() * scale).to(wire).double(),
