@@ -323,6 +323,10 @@ class ControlPlane:
         """Starts another process that `stop` (and `ddl-cluster down`) will also stop."""
         self._spawn(self.state(), name, argv, env)
 
+    def save(self, state: dict[str, Any]) -> None:
+        """Records ports and process ids (what `down` reads)."""
+        self._save(state)
+
     def _save(self, state: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")

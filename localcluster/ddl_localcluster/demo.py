@@ -13,10 +13,15 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ddl_localcluster.controlplane import REPO_ROOT, ControlPlane, binary
+import yaml
+
+from ddl_localcluster import netns
+from ddl_localcluster.controlplane import REPO_ROOT, ControlPlane, binary, free_port
 
 CLUSTER = REPO_ROOT / "examples" / "local-cluster.yaml"
 JOB = REPO_ROOT / "examples" / "demo-job.yaml"
@@ -107,6 +112,144 @@ def start_cluster(cp: ControlPlane) -> None:
     )
 
 
+def start_prometheus(cp: ControlPlane) -> str:
+    """Prometheus in the namespace that reaches every pod, published on a host port.
+
+    Scrape targets (worker pods' and the operator pod's metrics ports) come from a file the
+    demo rewrites as pods come and go. Returns the host URL.
+    """
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        raise RuntimeError("prometheus is not installed: `make system-deps` (Debian's prometheus)")
+    pdir = cp.dir / "prometheus"
+    pdir.mkdir(exist_ok=True)
+    config = {
+        "global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
+        "scrape_configs": [
+            # Worker metrics carry their own job/namespace labels: keep them.
+            {
+                "job_name": "ddl-workers",
+                "honor_labels": True,
+                "file_sd_configs": [{"files": [str(pdir / "workers.json")]}],
+            },
+            {
+                "job_name": "ddl-operator",
+                "file_sd_configs": [{"files": [str(pdir / "operator.json")]}],
+            },
+        ],
+    }
+    for name in ("workers.json", "operator.json"):
+        if not (pdir / name).exists():
+            (pdir / name).write_text("[]")
+    (pdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    state = cp.state()
+    port = state.get("ports", {}).get("prometheus") or free_port()
+    state.setdefault("ports", {})["prometheus"] = port
+    cp.save(state)
+    running = cp.running()
+    spine = netns_of(cp)
+    inside = ["ip", "netns", "exec", spine] if spine else []
+    listen = "127.0.0.1:9090" if spine else f"127.0.0.1:{port}"
+    if "prometheus" not in running:
+        cp.spawn(
+            "prometheus",
+            [
+                *inside,
+                prometheus,
+                f"--config.file={pdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={pdir / 'data'}",
+                f"--web.listen-address={listen}",
+            ],
+        )
+    if spine and "prometheus-relay-in" not in running:
+        sock = str(pdir / "web.sock")
+        cp.spawn(
+            "prometheus-relay-in",
+            [
+                *inside,
+                sys.executable,
+                "-m",
+                "ddl_localcluster.forward",
+                "unix-to-tcp",
+                "--unix",
+                sock,
+                "--connect",
+                "127.0.0.1:9090",
+            ],
+        )
+        cp.spawn(
+            "prometheus-relay-out",
+            [
+                sys.executable,
+                "-m",
+                "ddl_localcluster.forward",
+                "tcp-to-unix",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--unix",
+                sock,
+            ],
+        )
+    return f"http://127.0.0.1:{port}"
+
+
+def netns_of(cp: ControlPlane) -> str | None:
+    """The node agent's spine namespace, which reaches every pod; None in loopback mode."""
+    name = f"ddl{netns.tag(cp.dir / 'nodeagent')}-spine"
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    return name if name in listed.stdout else None
+
+
+def update_targets(cp: ControlPlane) -> None:
+    """Point Prometheus at every running worker pod and the operator pod."""
+    pods = json.loads(kubectl(cp, "get", "pods", "-A", "-o", "json"))["items"]
+    workers, operators = [], []
+    for pod in pods:
+        ip = pod.get("status", {}).get("podIP")
+        labels = pod["metadata"].get("labels", {})
+        if not ip or pod["status"].get("phase") != "Running":
+            continue
+        if labels.get("ddl-operator.dev/role") == "worker":
+            workers.append(f"{ip}:9400")
+        elif labels.get("app.kubernetes.io/name") == "ddl-operator":
+            operators.append(f"{ip}:9090")
+    pdir = cp.dir / "prometheus"
+    for name, targets in (("workers.json", workers), ("operator.json", operators)):
+        tmp = pdir / f".{name}"
+        tmp.write_text(json.dumps([{"targets": sorted(targets)}]))
+        tmp.replace(pdir / name)
+
+
+def prometheus_query(url: str, expr: str) -> list[dict[str, Any]]:
+    full = f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(full, timeout=10) as response:
+        result: list[dict[str, Any]] = json.loads(response.read())["data"]["result"]
+        return result
+
+
+def print_prometheus_summary(url: str, job: str) -> None:
+    """What Prometheus scraped from the job, read back through its HTTP API."""
+    sel = f'job="{job}"'
+    summary = {
+        "samples trained": f"sum(max_over_time(ddl_samples_total{{{sel}}}[10m]))",
+        "sync-wait seconds": f"sum(max_over_time(ddl_sync_wait_seconds_total{{{sel}}}[10m]))",
+        "allreduce MB, intra-node tier": (
+            f'sum(max_over_time(ddl_allreduce_bytes_total{{{sel},tier="intra"}}[10m])) / 1e6'
+        ),
+        "allreduce MB, inter-node tier": (
+            f'sum(max_over_time(ddl_allreduce_bytes_total{{{sel},tier="inter"}}[10m])) / 1e6'
+        ),
+    }
+    for label, expr in summary.items():
+        try:
+            result = prometheus_query(url, expr)
+        except OSError as error:
+            say(f"  Prometheus: {label}: unavailable ({error})")
+            continue
+        value = float(result[0]["value"][1]) if result else float("nan")
+        say(f"  Prometheus: {label} = {value:,.1f}")
+
+
 def follow(cp: ControlPlane, name: str, timeout: float) -> dict[str, Any]:
     """Prints a line whenever the job's phase, epoch or progress changes; returns its status."""
     deadline = time.monotonic() + timeout
@@ -127,6 +270,7 @@ def follow(cp: ControlPlane, name: str, timeout: float) -> dict[str, Any]:
         if line != last:
             say(line)
             last = line
+        update_targets(cp)
         if status.get("phase") in ("Succeeded", "Failed"):
             return status
         time.sleep(1)
@@ -136,6 +280,8 @@ def follow(cp: ControlPlane, name: str, timeout: float) -> dict[str, Any]:
 def run(cp: ControlPlane, timeout: float = 900) -> int:
     started = time.monotonic()
     start_cluster(cp)
+    prometheus_url = start_prometheus(cp)
+    say(f"Prometheus scrapes the workers and the operator: {prometheus_url}")
     shutil.rmtree(CHECKPOINTS, ignore_errors=True)
     name = "demo"
     kubectl(cp, "delete", "ddlj", name, "--ignore-not-found", "--wait=true")
@@ -171,8 +317,10 @@ def run(cp: ControlPlane, timeout: float = 900) -> int:
         f"throughput {status.get('throughput', 0):.1f} samples/s, "
         f"sync-wait {status.get('syncWaitRatio', 0):.0%} of step time (rank 0's last report)"
     )
+    print_prometheus_summary(prometheus_url, name)
     say(
-        f"look around: export KUBECONFIG={cp.kubeconfig}; worker logs under "
+        f"look around: Prometheus {prometheus_url}; export KUBECONFIG={cp.kubeconfig}; "
+        "worker logs under "
         f"{cp.dir / 'nodeagent' / 'pods'}; checkpoints in {CHECKPOINTS}; "
         "`make demo-down` stops everything"
     )
