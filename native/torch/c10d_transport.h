@@ -1,0 +1,61 @@
+// Transport over torch c10d process groups (one per tier), used for CPU tensors on Gloo: the
+// same schedule the GPUs run, testable with real processes on machines without GPUs.
+#pragma once
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "ddl/transport.h"
+
+namespace ddl::torch_adapter {
+
+class C10dTransport final : public Transport {
+ public:
+  C10dTransport(std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups,
+                std::vector<std::string> tier_names);
+  ~C10dTransport() override;
+
+  int tiers() const override { return static_cast<int>(groups_.size()); }
+  Buffer scratch(std::size_t count, DType dtype) override;
+  void begin() override;
+  void end() override;
+  EventId reduce_scatter(int tier, Buffer in, Buffer out, EventId after) override;
+  EventId all_gather(int tier, Buffer in, Buffer out, EventId after) override;
+  EventId all_reduce(int tier, Buffer data, EventId after) override;
+  EventId convert(int lane, Buffer src, Buffer dst, float scale, EventId after) override;
+  EventId compress(int lane, Buffer src, Buffer dst, const Buffer* residual, float scale,
+                   EventId after) override;
+
+ private:
+  // Set from the work's future callback: completion time for the per-tier busy time.
+  struct Completion {
+    std::mutex mutex;
+    std::condition_variable done_cv;
+    bool done = false;
+    double end = 0.0;
+  };
+  struct Op {
+    c10::intrusive_ptr<c10d::Work> work;  // null for local kernels, which finish inline
+    int tier = -1;
+    std::size_t bytes = 0;
+    double start = 0.0;
+    std::shared_ptr<Completion> completion;
+    bool waited = false;
+  };
+
+  void wait(EventId id);
+  EventId track(int tier, std::size_t bytes, double start, c10::intrusive_ptr<c10d::Work> work);
+  void drain_quietly();
+
+  std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups_;
+  std::vector<std::string> tier_names_;
+  std::vector<Op> ops_;
+  std::vector<at::Tensor> scratch_;
+};
+
+}  // namespace ddl::torch_adapter

@@ -1,0 +1,138 @@
+// Communicator base class, the serial executor and the c10d (CPU) communicator.
+#include <Python.h>
+
+#include "communicator.h"
+
+#include "adapter.h"
+#include "c10d_transport.h"
+#include "ddl/plan.h"
+
+namespace ddl::torch_adapter {
+
+Communicator::Communicator(Grid grid, std::size_t chunk_bytes, std::string backend)
+    : grid_(std::move(grid)), chunk_bytes_(chunk_bytes), backend_(std::move(backend)) {
+  TORCH_CHECK(chunk_bytes_ >= 1024, "chunk_bytes: must be at least 1024, got ", chunk_bytes_);
+}
+
+int64_t Communicator::residual_numel(int64_t numel, int64_t element_size) const {
+  TORCH_CHECK(numel >= 0, "numel: must be >= 0, got ", numel);
+  TORCH_CHECK(element_size == 2 || element_size == 4, "element_size: must be 2 or 4, got ",
+              element_size);
+  return static_cast<int64_t>(make_plan(static_cast<std::size_t>(numel),
+                                        static_cast<std::size_t>(element_size), grid_,
+                                        chunk_bytes_)
+                                  .slow_count());
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> Communicator::allreduce(
+    const at::Tensor& data, const std::string& op, const std::string& compression,
+    const std::optional<at::Tensor>& residual) {
+  check_data(data, "tensor");
+  check_device(data, "tensor");
+  Options options;
+  options.op = parse_op(op);
+  options.compression = parse_compression(compression);
+  options.chunk_bytes = chunk_bytes_;
+  std::optional<at::Tensor> feedback;
+  if (residual.has_value() && residual->defined() &&
+      compresses(options.compression, to_dtype(data.scalar_type(), "tensor"))) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.scalar_type() == at::kFloat, "residual: must be float32, got ",
+                r.scalar_type());
+    TORCH_CHECK(r.is_contiguous(), "residual: must be contiguous");
+    TORCH_CHECK(r.device() == data.device(), "residual: must be on ", data.device(), ", got ",
+                r.device());
+    const int64_t expected = residual_numel(data.numel(), data.element_size());
+    TORCH_CHECK(r.numel() == expected, "residual: must have ", expected,
+                " elements for a tensor of ", data.numel(), ", got ", r.numel());
+    feedback = r;
+  }
+  return start(data, feedback, options);
+}
+
+SerialExecutor::SerialExecutor() : thread_([this] { loop(); }) {}
+
+SerialExecutor::~SerialExecutor() { shutdown(); }
+
+void SerialExecutor::shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) {
+    thread_.join();
+  }
+}
+
+void SerialExecutor::post(std::function<void()> job) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    jobs_.push_back(std::move(job));
+  }
+  wake_.notify_one();
+}
+
+void SerialExecutor::loop() {
+  for (;;) {
+    std::function<void()> job;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return stopping_ || !jobs_.empty(); });
+      if (jobs_.empty()) {
+        return;  // stopping, and every posted job has run
+      }
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+    }
+    job();
+  }
+}
+
+C10dCommunicator::C10dCommunicator(Grid grid, std::size_t chunk_bytes,
+                                   std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups)
+    : Communicator(std::move(grid), chunk_bytes, "gloo") {
+  TORCH_CHECK(static_cast<int>(groups.size()) == grid_.tiers(), "group_names: grid has ",
+              grid_.tiers(), " dimensions but ", groups.size(), " groups were given");
+  for (int t = 0; t < grid_.tiers(); ++t) {
+    TORCH_CHECK(groups[static_cast<std::size_t>(t)]->getSize() == grid_.dim(t), "group_names[",
+                t, "]: group has ", groups[static_cast<std::size_t>(t)]->getSize(),
+                " ranks but grid dimension ", t, " is ", grid_.dim(t));
+  }
+  transport_ = std::make_unique<C10dTransport>(std::move(groups), Grid::tier_names(grid_.tiers()));
+}
+
+C10dCommunicator::~C10dCommunicator() {
+  // A finishing job can need the GIL (a Python continuation of its future, or dropping the
+  // last reference to one). Python drops the communicator with the GIL held: release it
+  // while the executor drains, or both threads wait for each other.
+  PyThreadState* saved = Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr;
+  executor_.shutdown();
+  if (saved != nullptr) {
+    PyEval_RestoreThread(saved);
+  }
+}
+
+void C10dCommunicator::check_device(const at::Tensor& data, const char* argument) const {
+  TORCH_CHECK(data.device().is_cpu(), argument,
+              ": the gloo backend reduces CPU tensors, got a tensor on ", data.device());
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> C10dCommunicator::start(
+    at::Tensor data, std::optional<at::Tensor> residual, Options options) {
+  auto future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get());
+  executor_.post([this, data, residual, options, future] {
+    try {
+      const Buffer buffer = as_buffer(data);
+      const std::optional<Buffer> feedback =
+          residual.has_value() ? std::optional<Buffer>(as_buffer(*residual)) : std::nullopt;
+      run_allreduce(*transport_, grid_, buffer, feedback ? &*feedback : nullptr, options);
+      future->markCompleted(c10::IValue(data));
+    } catch (...) {
+      future->setError(std::current_exception());
+    }
+  });
+  return future;
+}
+
+}  // namespace ddl::torch_adapter

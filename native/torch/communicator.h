@@ -1,0 +1,95 @@
+// The object Python holds (torch.classes.ddl.Communicator): a grid, a transport and the rule
+// for when an allreduce's result is ready. One subclass per transport.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/custom_class.h>
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ddl/grid.h"
+#include "ddl/schedule.h"
+
+namespace ddl::torch_adapter {
+
+class Communicator : public torch::CustomClassHolder {
+ public:
+  Communicator(Grid grid, std::size_t chunk_bytes, std::string backend);
+  ~Communicator() override = default;
+
+  // Starts an in-place allreduce of `data`; the future's value is `data` once it is reduced
+  // (for CUDA tensors: once the work is ordered before the consumer's stream).
+  c10::intrusive_ptr<c10::ivalue::Future> allreduce(const at::Tensor& data, const std::string& op,
+                                                    const std::string& compression,
+                                                    const std::optional<at::Tensor>& residual);
+
+  std::vector<int64_t> grid() const { return grid_.dims(); }
+  std::string backend() const { return backend_; }
+  int64_t chunk_bytes() const { return static_cast<int64_t>(chunk_bytes_); }
+  // Length of the float32 error-feedback buffer for `numel` elements of a given element size.
+  int64_t residual_numel(int64_t numel, int64_t element_size) const;
+
+ protected:
+  virtual void check_device(const at::Tensor& data, const char* argument) const = 0;
+  virtual c10::intrusive_ptr<c10::ivalue::Future> start(at::Tensor data,
+                                                        std::optional<at::Tensor> residual,
+                                                        Options options) = 0;
+
+  Grid grid_;
+  std::size_t chunk_bytes_;
+  std::string backend_;
+};
+
+// Runs posted jobs one after another on its own thread, in posting order: the order of
+// collectives must be the same on every rank, and callers (DDP buckets) post in that order.
+class SerialExecutor {
+ public:
+  SerialExecutor();
+  ~SerialExecutor();
+  SerialExecutor(const SerialExecutor&) = delete;
+  SerialExecutor& operator=(const SerialExecutor&) = delete;
+
+  void post(std::function<void()> job);
+  // Runs what is queued, then joins the thread; idempotent.
+  void shutdown();
+
+ private:
+  void loop();
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> jobs_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+// CPU tensors over c10d process groups (Gloo); the schedule runs on a background thread so a
+// DDP hook returns at once and communication overlaps the rest of the backward pass.
+class C10dCommunicator final : public Communicator {
+ public:
+  C10dCommunicator(Grid grid, std::size_t chunk_bytes,
+                   std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups);
+  ~C10dCommunicator() override;
+
+ protected:
+  void check_device(const at::Tensor& data, const char* argument) const override;
+  c10::intrusive_ptr<c10::ivalue::Future> start(at::Tensor data,
+                                                std::optional<at::Tensor> residual,
+                                                Options options) override;
+
+ private:
+  std::unique_ptr<Transport> transport_;
+  SerialExecutor executor_;  // last member: joined before the transport goes away
+};
+
+}  // namespace ddl::torch_adapter
