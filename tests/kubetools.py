@@ -47,6 +47,22 @@ class Kubectl:
     def apply(self, obj: dict[str, Any], *flags: str) -> subprocess.CompletedProcess[str]:
         return self.run("apply", "-f", "-", *flags, input=yaml.safe_dump(obj), check=False)
 
+    def wait_job(self, ns: str, name: str, jsonpath: str, value: str, timeout: int = 60) -> None:
+        """kubectl wait on a DDLJob field; on timeout, fail with the job's status."""
+        proc = self.run(
+            "wait",
+            "-n",
+            ns,
+            f"ddlj/{name}",
+            f"--for=jsonpath={jsonpath}={value}",
+            f"--timeout={timeout}s",
+            check=False,
+            timeout=timeout + 10,
+        )
+        if proc.returncode != 0:
+            status = self.get_json("ddlj", name, "-n", ns).get("status")
+            raise AssertionError(f"{name}: {jsonpath} never became {value}: {status}")
+
     def get_json(self, *args: str) -> dict[str, Any]:
         out: dict[str, Any] = json.loads(self.run("get", *args, "-o", "json").stdout)
         return out

@@ -37,20 +37,7 @@ def status(kubectl: Kubectl, ns: str, name: str) -> dict[str, Any]:
 def wait_for(
     kubectl: Kubectl, ns: str, name: str, jsonpath: str, value: str, timeout: int = 180
 ) -> None:
-    proc = kubectl.run(
-        "wait",
-        "-n",
-        ns,
-        f"ddlj/{name}",
-        f"--for=jsonpath={jsonpath}={value}",
-        f"--timeout={timeout}s",
-        check=False,
-        timeout=timeout + 10,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{name}: {jsonpath} never became {value}: {status(kubectl, ns, name)}"
-        )
+    kubectl.wait_job(ns, name, jsonpath, value, timeout)
 
 
 def wait_until(

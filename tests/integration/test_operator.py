@@ -35,19 +35,7 @@ def submit(kubectl: Kubectl, ns: str, fake: FakeCluster, name: str, **kw: Any) -
 def wait_for(
     kubectl: Kubectl, ns: str, name: str, jsonpath: str, value: str, timeout: int = 60
 ) -> None:
-    proc = kubectl.run(
-        "wait",
-        "-n",
-        ns,
-        f"ddlj/{name}",
-        f"--for=jsonpath={jsonpath}={value}",
-        f"--timeout={timeout}s",
-        check=False,
-        timeout=timeout + 10,
-    )
-    if proc.returncode != 0:
-        job = kubectl.get_json("ddlj", name, "-n", ns)
-        raise AssertionError(f"{name}: {jsonpath} never became {value}: {job.get('status')}")
+    kubectl.wait_job(ns, name, jsonpath, value, timeout)
 
 
 def worker_pods(kubectl: Kubectl, ns: str, name: str) -> list[dict[str, Any]]:
