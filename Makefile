@@ -8,7 +8,7 @@ STAMPS := .stamps
 # torch is pinned to the version the GPU check machine carries, so one source builds on both.
 TORCH_SPEC ?= torch==2.11.0
 
-.PHONY: all install system-deps cuda-check k8s crds lint test test-unit test-integration test-distributed test-e2e cluster-up cluster-down demo demo-down clean
+.PHONY: all install system-deps cuda-check gpu-check bench k8s crds lint test test-unit test-integration test-distributed test-e2e cluster-up cluster-down demo demo-down clean
 
 all: test
 
@@ -35,6 +35,16 @@ install: $(STAMPS)/venv $(STAMPS)/native
 # Compile-only check of the CUDA/NCCL sources with nvcc from PyPI (no GPU needed).
 cuda-check: install
 	scripts/compile-cuda-check.sh
+
+# On a machine with a GPU (torch, nvcc and NCCL installed, no registry needed).
+gpu-check:
+	scripts/gpu-check.sh
+
+# Benchmarks print ratios measured side by side in one run (docs/benchmarks.md).
+bench: install k8s
+	$(BIN)/python benchmarks/placement_bench.py
+	$(BIN)/python benchmarks/scheduler_compare.py
+	$(BIN)/python benchmarks/allreduce_bench.py
 
 # System packages the tests use: promtool (Debian's prometheus) checks the alert rules.
 system-deps:
