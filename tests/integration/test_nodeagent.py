@@ -196,11 +196,11 @@ def node_names(spec: ClusterSpec) -> list[str]:
 # -- the description --------------------------------------------------------------------------
 
 
-def test_the_example_description_is_two_racks_of_two_four_gpu_nodes() -> None:
+def test_the_example_description_is_two_racks_of_two_two_gpu_nodes() -> None:
     spec = ClusterSpec.load(EXAMPLE)
     nodes = spec.nodes()
     assert [n.name for n in nodes] == ["gpu-r0-n0", "gpu-r0-n1", "gpu-r1-n0", "gpu-r1-n1"]
-    assert {n.gpus for n in nodes} == {4} and nodes[3].rack == "rack-1"
+    assert {n.gpus for n in nodes} == {2} and nodes[3].rack == "rack-1"
     assert rate_bits(spec.link_rate or "") == 200_000_000
     with pytest.raises(TopologyError, match="linkRat"):
         ClusterSpec.from_dict({"network": {"linkRat": "1gbit"}})
@@ -216,7 +216,7 @@ def test_nodes_register_with_gpus_topology_labels_and_leases(
 ) -> None:
     first = spec.nodes()[2]
     node = kubectl.get_json("node", first.name)
-    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "4"
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == str(spec.gpus_per_node)
     labels = node["metadata"]["labels"]
     assert labels["topology.kubernetes.io/rack"] == "rack-1"
     assert labels["topology.kubernetes.io/zone"] == "zone-a"

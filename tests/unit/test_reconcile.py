@@ -236,9 +236,12 @@ def test_members_finishing_one_by_one_complete_the_job_without_reforming() -> No
     plan = cl.step()
     assert cl.job.status.phase == "Running" and cl.job.status.epoch == 1
     assert not (plan.create or plan.place or plan.delete), "no replacement for a finished worker"
+    final = {"epoch": 1, "state": "Succeeded", "step": 60, "throughput": 99.5, "syncWaitRatio": 0.3}
+    cl.pods[first] = replace(cl.pods[first], report=final)
     cl.pods[second] = replace(cl.pods[second], phase="Succeeded", exit_code=0)
     cl.step()
     assert cl.job.status.phase == "Succeeded"
+    assert (cl.job.status.step, cl.job.status.throughput) == (60, 99.5), "rank 0's last report"
     assert cl.step().status.phase == "Succeeded"
 
 

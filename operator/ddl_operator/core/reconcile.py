@@ -165,8 +165,14 @@ def reconcile(
         plan.delete = sorted(
             p.name for p in pods if p.phase in ("Pending", "Running", "Unknown") and not p.deleting
         )
+        # The last progress rank 0 reported stays on the job (the summary of the run).
         plan.status = plan.status.model_copy(
-            update={"phase": phase, "message": message, "ready_replicas": 0}
+            update={
+                "phase": phase,
+                "message": message,
+                "ready_replicas": 0,
+                **_rank0_report(old.rendezvous, by_name),
+            }
         )
         plan.events.append(event)
         plan.requeue_after = 0
