@@ -33,8 +33,11 @@ $(STAMPS)/native: $(STAMPS)/venv $(NATIVE_SOURCES)
 install: $(STAMPS)/venv $(STAMPS)/native
 
 # Compile-only check of the CUDA/NCCL sources with nvcc from PyPI (no GPU needed).
-cuda-check: install
+cuda-check: $(STAMPS)/cuda-check
+
+$(STAMPS)/cuda-check: $(STAMPS)/native
 	scripts/compile-cuda-check.sh
+	touch $@
 
 # On a machine with a GPU (torch, nvcc and NCCL installed, no registry needed).
 gpu-check:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from ddl_localcluster import demo
+from ddl_localcluster import demo, netns
 from ddl_localcluster.controlplane import ControlPlane
 
 from kubetools import Kubectl
@@ -21,7 +23,16 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         demo.start_cluster(cp)
         yield cp
     finally:
+        pids = list(cp.state().get("pids", {}).values())
         cp.stop()
+    # What `make demo-down` promises: no process, network namespace or pod left behind.
+    left = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert not left, f"processes left after stop: {left}"
+    spine = f"ddl{netns.tag(cp.dir / 'nodeagent')}-"
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert spine not in namespaces, f"network namespaces left: {namespaces}"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(cp.dir) not in ps, "a process started from the cluster directory survived"
 
 
 @pytest.fixture(scope="session")
