@@ -66,13 +66,20 @@ class ResidualBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    def __init__(self, classes: int = CLASSES) -> None:
+    """`hidden` > 0 puts a wide hidden layer in the head: many parameters for little compute,
+    so benchmarks can make the gradient exchange, not the CPU, the bottleneck."""
+
+    def __init__(self, classes: int = CLASSES, hidden: int = 0) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.GroupNorm(4, 16), nn.ReLU()
         )
         self.blocks = nn.Sequential(ResidualBlock(16, 16, 1), ResidualBlock(16, 32, 2))
-        self.head = nn.Linear(32, classes)
+        self.head: nn.Module = (
+            nn.Sequential(nn.Linear(32, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+            if hidden
+            else nn.Linear(32, classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features: torch.Tensor = self.blocks(self.stem(x))
@@ -87,6 +94,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=4800, help="synthetic dataset size")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=1234, help="data and model seed")
+    parser.add_argument(
+        "--hidden", type=int, default=0, help="width of a hidden head layer (0: none)"
+    )
     return parser.parse_args()
 
 
@@ -95,7 +105,7 @@ def main() -> None:
     rt = ddl_worker.init()
     images, labels = synthetic_images(args.samples, args.seed)
     torch.manual_seed(args.seed)
-    net = SmallResNet()
+    net = SmallResNet(hidden=args.hidden)
     model = ddl_worker.wrap(net)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = ddl_worker.ElasticSampler(len(images), args.global_batch, seed=args.seed)
