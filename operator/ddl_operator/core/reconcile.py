@@ -192,14 +192,7 @@ def reconcile(
     if finished:
         # Training is over once any member completed: no re-forming, no replacements; the
         # job succeeds when no member is left running.
-        # A member whose agent no longer trains at this epoch (its processes ended, e.g. a
-        # peer left the final collective first) is not waited for.
-        busy = [
-            m
-            for m in members
-            if phase_of[m] in ("Pending", "Running")
-            and not _stopped_training(by_name[m], old.epoch)
-        ]
+        busy = [m for m in members if phase_of[m] in ("Pending", "Running")]
         if not busy:
             msg = f"{len(finished)} of {len(members)} workers succeeded at epoch {old.epoch}"
             return finish("Succeeded", msg, Event("Normal", "Succeeded", msg))
@@ -444,14 +437,6 @@ def _surplus(alive: Sequence[WorkerPod], members: Sequence[str], count: int) -> 
         )
 
     return sorted(alive, key=cost)[:count]
-
-
-def _stopped_training(pod: WorkerPod, epoch: int) -> bool:
-    """The pod's agent says its processes stopped at this epoch (it waits or failed)."""
-    report = pod.report
-    if report is None or report.get("epoch") != epoch:
-        return False
-    return report.get("state") in ("Failed", "Waiting")
 
 
 STRAGGLER_RATIO = 1.2
