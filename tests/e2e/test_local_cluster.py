@@ -81,7 +81,8 @@ def test_killed_worker_pod_is_survived(kubectl: Kubectl, namespace: str, tmp_pat
         namespace,
         tmp_path,
         steps=200,
-        elastic={"minReplicas": 1, "maxReplicas": 2},
+        # A member left waiting after rank 0 finished gives up (and ends) within a minute.
+        elastic={"minReplicas": 1, "maxReplicas": 2, "rendezvousTimeoutSeconds": 60},
         failurePolicy={"backoffSeconds": 1, "maxRestarts": 5},
     )
     assert kubectl.apply(job).returncode == 0
