@@ -42,16 +42,7 @@ VARIANTS = [
 
 
 def kubectl(cp: ControlPlane, *args: str, input: str | None = None) -> str:
-    proc = subprocess.run(
-        [str(binary("kubectl")), f"--kubeconfig={cp.kubeconfig}", *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
+    return cp.kubectl(*args, input=input)
 
 
 def rank_pod(name: str, node: str, env: dict[str, str], steps: int) -> dict[str, Any]:
@@ -163,32 +154,17 @@ def run_variant(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--rate", default="200mbit", help="inter-node link rate (tc tbf)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        description = yaml.safe_load(CLUSTER.read_text())
+        description["network"]["linkRate"] = args.rate
+        cluster = Path(tmp) / "cluster.yaml"
+        cluster.write_text(yaml.safe_dump(description))
         cp = ControlPlane(Path(tmp) / "cp")
         cp.start()
         try:
-            cp.spawn(
-                "nodeagent",
-                [
-                    sys.executable,
-                    "-m",
-                    "ddl_localcluster.nodeagent",
-                    "run",
-                    "--kubeconfig",
-                    str(cp.kubeconfig),
-                    "--cluster",
-                    str(CLUSTER),
-                    "--state-dir",
-                    str(cp.dir / "nodeagent"),
-                ],
-            )
-            wait(
-                "nodes",
-                lambda: len(json.loads(kubectl(cp, "get", "nodes", "-o", "json"))["items"]) >= 2,
-                120,
-            )
-            kubectl(cp, "wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
+            cp.start_node_agent(cluster)
             kubectl(cp, "create", "namespace", "bench")
             wait(
                 "default service account",

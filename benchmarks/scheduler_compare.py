@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,16 +28,7 @@ JOBS = [("2x8", 2, 8), ("8x8", 8, 8), ("6x4", 6, 4), ("16x2", 16, 2), ("32x1", 3
 
 
 def kubectl(cp: ControlPlane, *args: str, input: str | None = None) -> str:
-    proc = subprocess.run(
-        [str(binary("kubectl")), f"--kubeconfig={cp.kubeconfig}", *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr}")
-    return proc.stdout
+    return cp.kubectl(*args, input=input)
 
 
 def node_doc(name: str, zone: int, rack: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -159,6 +160,44 @@ class ControlPlane:
         """Components whose recorded process is still alive."""
         pids: dict[str, int] = self.state().get("pids", {})
         return {name: pid for name, pid in pids.items() if _alive(pid)}
+
+    def kubectl(self, *args: str, input: str | None = None, timeout: float = 300) -> str:
+        """The pinned kubectl as admin; raises with its stderr when it fails."""
+        proc = subprocess.run(
+            [str(binary("kubectl")), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise ControlPlaneError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def start_node_agent(self, cluster: Path, timeout: float = 120) -> None:
+        """Starts the local node agent for a cluster description; waits for Ready nodes."""
+        self.spawn(
+            "nodeagent",
+            [
+                sys.executable,
+                "-m",
+                "ddl_localcluster.nodeagent",
+                "run",
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--cluster",
+                str(cluster),
+                "--state-dir",
+                str(self.dir / "nodeagent"),
+            ],
+        )
+        wait_for(
+            "the node agent to register nodes",
+            lambda: bool(json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]),
+            timeout,
+            lambda: self._diagnose("nodeagent"),
+        )
+        self.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={timeout:.0f}s")
 
     @property
     def server(self) -> str:

@@ -34,17 +34,8 @@ def say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def kubectl(cp: ControlPlane, *args: str, input: str | None = None, timeout: float = 300) -> str:
-    proc = subprocess.run(
-        [str(binary("kubectl")), f"--kubeconfig={cp.kubeconfig}", *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
+def kubectl(cp: ControlPlane, *args: str, input: str | None = None) -> str:
+    return cp.kubectl(*args, input=input)
 
 
 def helm(cp: ControlPlane, *args: str) -> str:
@@ -67,27 +58,7 @@ def start_cluster(cp: ControlPlane) -> None:
         cp.start(progress=lambda m: say(f"  {m}"))
     if "nodeagent" not in running:
         say(f"starting the node agent: {CLUSTER.relative_to(REPO_ROOT)}")
-        cp.spawn(
-            "nodeagent",
-            [
-                sys.executable,
-                "-m",
-                "ddl_localcluster.nodeagent",
-                "run",
-                "--kubeconfig",
-                str(cp.kubeconfig),
-                "--cluster",
-                str(CLUSTER),
-                "--state-dir",
-                str(cp.dir / "nodeagent"),
-            ],
-        )
-    deadline = time.monotonic() + 120
-    while not json.loads(kubectl(cp, "get", "nodes", "-o", "json"))["items"]:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no node registered; see {cp.log('nodeagent')}")
-        time.sleep(0.5)
-    kubectl(cp, "wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
+        cp.start_node_agent(CLUSTER)
     say("helm install the operator chart (the operator runs as a pod under its RBAC)")
     helm(
         cp,
