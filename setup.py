@@ -22,6 +22,7 @@ TORCH_SOURCES = [
     "adapter.cpp",
     "kernels_cpu.cpp",
     "c10d_transport.cpp",
+    "shm_tier.cpp",
     "communicator.cpp",
     "ops.cpp",
 ]

@@ -24,10 +24,14 @@ const at::Device kCpu(at::kCPU);
 }  // namespace
 
 C10dTransport::C10dTransport(std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups,
+                             std::vector<std::unique_ptr<SharedMemoryTier>> shared_memory,
                              std::vector<std::string> tier_names)
-    : groups_(std::move(groups)), tier_names_(std::move(tier_names)) {
+    : groups_(std::move(groups)),
+      shared_memory_(std::move(shared_memory)),
+      tier_names_(std::move(tier_names)) {
   TORCH_CHECK(!groups_.empty(), "group_names: needs one process group per grid dimension");
-  TORCH_CHECK(groups_.size() == tier_names_.size(), "tier names and groups differ in length");
+  TORCH_CHECK(groups_.size() == tier_names_.size() && groups_.size() == shared_memory_.size(),
+              "tier names, groups and shared-memory tiers differ in length");
 }
 
 C10dTransport::~C10dTransport() { drain_quietly(); }
@@ -107,6 +111,14 @@ EventId C10dTransport::track(int tier, std::size_t bytes, double start,
   return static_cast<EventId>(ops_.size()) - 1;
 }
 
+EventId C10dTransport::track_inline(int tier, std::size_t bytes, double start) {
+  const EventId id = track(tier, bytes, start, {});
+  Op& op = ops_.back();
+  op.counted = true;
+  op.completion->end = now_seconds();
+  return id;
+}
+
 void C10dTransport::end() {
   std::exception_ptr first_error;
   for (std::size_t i = 0; i < ops_.size(); ++i) {
@@ -124,7 +136,7 @@ void C10dTransport::end() {
   std::vector<std::vector<std::pair<double, double>>> busy(groups_.size());
   std::vector<std::uint64_t> bytes(groups_.size(), 0);
   for (const Op& op : ops_) {
-    if (op.work) {
+    if (op.work || op.counted) {
       busy[static_cast<std::size_t>(op.tier)].emplace_back(op.start, op.completion->end);
       bytes[static_cast<std::size_t>(op.tier)] += op.bytes;
     }
@@ -138,24 +150,35 @@ EventId C10dTransport::reduce_scatter(int tier, Buffer in, Buffer out, EventId a
   wait(after);
   auto& group = groups_.at(static_cast<std::size_t>(tier));
   TORCH_INTERNAL_ASSERT(in.count == out.count * static_cast<std::size_t>(group->getSize()));
+  const std::size_t bytes =
+      ring_bytes(CollectiveKind::kReduceScatter, in.bytes(), group->getSize());
+  if (auto& shm = shared_memory_.at(static_cast<std::size_t>(tier))) {
+    const double start = now_seconds();
+    shm->reduce_scatter(in, out);
+    return track_inline(tier, bytes, start);
+  }
   at::Tensor input = as_tensor(in, kCpu);
   at::Tensor output = as_tensor(out, kCpu);
   c10d::ReduceScatterOptions options;
   options.reduceOp = c10d::ReduceOp::SUM;
   const double start = now_seconds();
-  return track(tier, ring_bytes(CollectiveKind::kReduceScatter, in.bytes(), group->getSize()),
-               start, group->_reduce_scatter_base(output, input, options));
+  return track(tier, bytes, start, group->_reduce_scatter_base(output, input, options));
 }
 
 EventId C10dTransport::all_gather(int tier, Buffer in, Buffer out, EventId after) {
   wait(after);
   auto& group = groups_.at(static_cast<std::size_t>(tier));
   TORCH_INTERNAL_ASSERT(out.count == in.count * static_cast<std::size_t>(group->getSize()));
+  const std::size_t bytes = ring_bytes(CollectiveKind::kAllGather, out.bytes(), group->getSize());
+  if (auto& shm = shared_memory_.at(static_cast<std::size_t>(tier))) {
+    const double start = now_seconds();
+    shm->all_gather(in, out);
+    return track_inline(tier, bytes, start);
+  }
   at::Tensor input = as_tensor(in, kCpu);
   at::Tensor output = as_tensor(out, kCpu);
   const double start = now_seconds();
-  return track(tier, ring_bytes(CollectiveKind::kAllGather, out.bytes(), group->getSize()),
-               start, group->_allgather_base(output, input));
+  return track(tier, bytes, start, group->_allgather_base(output, input));
 }
 
 EventId C10dTransport::all_reduce(int tier, Buffer data, EventId after) {

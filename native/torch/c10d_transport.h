@@ -11,12 +11,16 @@
 #include <vector>
 
 #include "ddl/transport.h"
+#include "shm_tier.h"
 
 namespace ddl::torch_adapter {
 
 class C10dTransport final : public Transport {
  public:
+  // shared_memory[t], where not null, carries tier t's reduce-scatter and all-gather instead of
+  // groups[t] (which still serves its allreduce).
   C10dTransport(std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups,
+                std::vector<std::unique_ptr<SharedMemoryTier>> shared_memory,
                 std::vector<std::string> tier_names);
   ~C10dTransport() override;
 
@@ -40,7 +44,8 @@ class C10dTransport final : public Transport {
     double end = 0.0;
   };
   struct Op {
-    c10::intrusive_ptr<c10d::Work> work;  // null for local kernels, which finish inline
+    c10::intrusive_ptr<c10d::Work> work;  // null for work done inline on this thread
+    bool counted = false;  // inline collectives (shared memory) still count in the tier stats
     int tier = -1;
     std::size_t bytes = 0;
     double start = 0.0;
@@ -50,9 +55,11 @@ class C10dTransport final : public Transport {
 
   void wait(EventId id);
   EventId track(int tier, std::size_t bytes, double start, c10::intrusive_ptr<c10d::Work> work);
+  EventId track_inline(int tier, std::size_t bytes, double start);
   void drain_quietly();
 
   std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups_;
+  std::vector<std::unique_ptr<SharedMemoryTier>> shared_memory_;
   std::vector<std::string> tier_names_;
   std::vector<Op> ops_;
   std::vector<at::Tensor> scratch_;

@@ -8,6 +8,13 @@
 #include "ddl/plan.h"
 
 namespace ddl::torch_adapter {
+namespace {
+
+// How long a shared-memory collective waits for a live but absent peer (a dead one is noticed
+// within tens of milliseconds); Gloo's own default is 30 minutes.
+constexpr double kSharedMemoryTimeoutSeconds = 600.0;
+
+}  // namespace
 
 Communicator::Communicator(Grid grid, std::size_t chunk_bytes, std::string backend)
     : grid_(std::move(grid)), chunk_bytes_(chunk_bytes), backend_(std::move(backend)) {
@@ -90,7 +97,8 @@ void SerialExecutor::loop() {
 }
 
 C10dCommunicator::C10dCommunicator(Grid grid, std::size_t chunk_bytes,
-                                   std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups)
+                                   std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups,
+                                   bool shared_memory)
     : Communicator(std::move(grid), chunk_bytes, "gloo") {
   TORCH_CHECK(static_cast<int>(groups.size()) == grid_.tiers(), "group_names: grid has ",
               grid_.tiers(), " dimensions but ", groups.size(), " groups were given");
@@ -99,7 +107,21 @@ C10dCommunicator::C10dCommunicator(Grid grid, std::size_t chunk_bytes,
                 t, "]: group has ", groups[static_cast<std::size_t>(t)]->getSize(),
                 " ranks but grid dimension ", t, " is ", grid_.dim(t));
   }
-  transport_ = std::make_unique<C10dTransport>(std::move(groups), Grid::tier_names(grid_.tiers()));
+  std::vector<std::unique_ptr<SharedMemoryTier>> tiers(groups.size());
+  for (int t = 0; t + 1 < grid_.tiers(); ++t) {
+    if (shared_memory && grid_.dim(t) > 1) {
+      std::string why_not;
+      tiers[static_cast<std::size_t>(t)] = SharedMemoryTier::connect(
+          *groups[static_cast<std::size_t>(t)], kSharedMemoryTimeoutSeconds, &why_not);
+      if (!tiers[static_cast<std::size_t>(t)]) {
+        TORCH_WARN_ONCE("ddl: tier ", t, " stays on Gloo: ", why_not);
+      }
+    }
+    transports_.push_back(tiers[static_cast<std::size_t>(t)] ? "shm" : "gloo");
+  }
+  transports_.push_back("gloo");
+  transport_ = std::make_unique<C10dTransport>(std::move(groups), std::move(tiers),
+                                               Grid::tier_names(grid_.tiers()));
 }
 
 C10dCommunicator::~C10dCommunicator() {

@@ -35,6 +35,10 @@ class Communicator : public torch::CustomClassHolder {
 
   std::vector<int64_t> grid() const { return grid_.dims(); }
   std::string backend() const { return backend_; }
+  // What carries each tier's collectives, fastest first ("gloo", "shm", "nccl").
+  virtual std::vector<std::string> transports() const {
+    return std::vector<std::string>(static_cast<std::size_t>(grid_.tiers()), backend_);
+  }
   int64_t chunk_bytes() const { return static_cast<int64_t>(chunk_bytes_); }
   // Length of the float32 error-feedback buffer for `numel` elements of a given element size.
   int64_t residual_numel(int64_t numel, int64_t element_size) const;
@@ -77,9 +81,14 @@ class SerialExecutor {
 // DDP hook returns at once and communication overlaps the rest of the backward pass.
 class C10dCommunicator final : public Communicator {
  public:
+  // With shared_memory, every tier but the slowest (the network) tries the shared-memory
+  // transport and keeps Gloo where its members cannot share a segment.
   C10dCommunicator(Grid grid, std::size_t chunk_bytes,
-                   std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups);
+                   std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups,
+                   bool shared_memory);
   ~C10dCommunicator() override;
+
+  std::vector<std::string> transports() const override { return transports_; }
 
  protected:
   void check_device(const at::Tensor& data, const char* argument) const override;
@@ -88,6 +97,7 @@ class C10dCommunicator final : public Communicator {
                                                 Options options) override;
 
  private:
+  std::vector<std::string> transports_;
   std::unique_ptr<Transport> transport_;
   SerialExecutor executor_;  // last member: joined before the transport goes away
 };

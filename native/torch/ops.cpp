@@ -23,7 +23,8 @@ namespace {
 
 c10::intrusive_ptr<Communicator> make_c10d_communicator(std::vector<std::string> group_names,
                                                          std::vector<int64_t> grid,
-                                                         int64_t chunk_bytes) {
+                                                         int64_t chunk_bytes,
+                                                         bool shared_memory) {
   TORCH_CHECK(chunk_bytes > 0, "chunk_bytes: must be positive, got ", chunk_bytes);
   std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> groups;
   for (const std::string& name : group_names) {
@@ -31,7 +32,7 @@ c10::intrusive_ptr<Communicator> make_c10d_communicator(std::vector<std::string>
   }
   return c10::make_intrusive<C10dCommunicator>(Grid(std::move(grid)),
                                                static_cast<std::size_t>(chunk_bytes),
-                                               std::move(groups));
+                                               std::move(groups), shared_memory);
 }
 
 bool has_nccl() {
@@ -145,10 +146,12 @@ TORCH_LIBRARY(ddl, m) {
   m.class_<Communicator>("Communicator")
       .def("grid", &Communicator::grid)
       .def("backend", &Communicator::backend)
+      .def("transports", &Communicator::transports)
       .def("chunk_bytes", &Communicator::chunk_bytes)
       .def("residual_numel", &Communicator::residual_numel);
   m.def(
-      "c10d_communicator(str[] group_names, int[] grid, int chunk_bytes) "
+      "c10d_communicator(str[] group_names, int[] grid, int chunk_bytes, "
+      "bool shared_memory=True) "
       "-> __torch__.torch.classes.ddl.Communicator",
       &make_c10d_communicator);
   m.def(

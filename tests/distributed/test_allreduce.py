@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Final
 
 import pytest
@@ -59,16 +60,22 @@ def _integers(seed: int, size: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randint(-8, 9, (size,), generator=g).to(dtype)
 
 
-def case_matches_all_reduce(rank: int, world: int, grid_name: str) -> int:
+def case_matches_all_reduce(rank: int, world: int, grid_name: str, shared_memory: bool) -> int:
     from ddl_worker import allreduce as ar
 
     dims, ranks = GRIDS[grid_name]
     group = _group(ranks)
     if rank not in ranks:
-        # Group creation is collective over the default group: mirror the state that the
-        # members' first allreduce call creates below.
-        ar.make_hook_state(dims, group=group)
+        # Group creation is collective over the default group: mirror the two states the
+        # members create below (one explicitly, one by their first allreduce call).
+        for _ in range(2):
+            ar.make_hook_state(dims, group=group, shared_memory=shared_memory)
         return 0
+    state = ar.make_hook_state(dims, group=group, shared_memory=shared_memory)
+    assert state.hierarchical is not None
+    # One host: every tier below the slowest can share memory; the slowest is the network's.
+    expected = ["shm" if shared_memory and d > 1 else "gloo" for d in dims[:-1]] + ["gloo"]
+    assert state.hierarchical.transports() == expected
     checked = 0
     for size in SIZES:
         for dtype in DTYPES:
@@ -76,7 +83,14 @@ def case_matches_all_reduce(rank: int, world: int, grid_name: str) -> int:
             for op in ("sum", "avg"):
                 ours = _integers(1000 * rank + size, size, dtype)
                 ref = ours.clone()
-                ar.allreduce(ours, dims, op=op, group=group, chunk_bytes=CHUNK_BYTES)
+                ar.allreduce(
+                    ours,
+                    dims,
+                    op=op,
+                    group=group,
+                    chunk_bytes=CHUNK_BYTES,
+                    shared_memory=shared_memory,
+                )
                 dist.all_reduce(ref, group=group)
                 where = f"grid={grid_name} size={size} dtype={dtype} op={op}"
                 if op == "sum":
@@ -235,6 +249,30 @@ def case_training_curve(rank: int, world: int, compression: str, seed: int) -> l
     return curve
 
 
+def case_peer_dies_mid_collective(rank: int, world: int, outcome: str) -> None:
+    """Rank 1 exits; rank 0, its node-mate, waits for it in a shared-memory reduce-scatter
+    and writes what happened to `outcome` (the test sees the world fail because of rank 1)."""
+    import os
+    import pathlib
+    import time
+
+    from ddl_worker import allreduce as ar
+
+    state = ar.make_hook_state((2, 2), op="sum")
+    assert state.hierarchical is not None and state.hierarchical.transports()[0] == "shm"
+    if rank == 1:
+        os._exit(3)
+    if rank != 0:
+        return
+    start = time.monotonic()
+    try:
+        ar.submit(state, torch.ones(1 << 16), "sum").wait()
+        message = "no error"
+    except RuntimeError as error:
+        message = str(error).splitlines()[0]
+    pathlib.Path(outcome).write_text(f"{time.monotonic() - start:.2f}\n{message}")
+
+
 def case_rank_sum(rank: int, world: int) -> int:
     total = torch.tensor([rank])
     dist.all_reduce(total)
@@ -253,11 +291,21 @@ def test_run_workers_returns_results_by_rank_and_reports_failures() -> None:
         run_workers(case_fail_on_rank_one, 2, timeout=60)
 
 
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
 @pytest.mark.parametrize("grid_name", list(GRIDS))
-def test_matches_torch_all_reduce(world: GlooWorld, grid_name: str) -> None:
-    checked = world.run(case_matches_all_reduce, grid_name)
+def test_matches_torch_all_reduce(world: GlooWorld, grid_name: str, transport: str) -> None:
+    checked = world.run(case_matches_all_reduce, grid_name, transport == "shm")
     members = GRIDS[grid_name][1]
     assert all(checked[r] == len(SIZES) * len(DTYPES) * 2 for r in members)
+
+
+def test_a_dead_node_mate_fails_the_collective_instead_of_hanging(tmp_path: Path) -> None:
+    outcome = tmp_path / "rank0.txt"
+    with pytest.raises(WorkerError, match="rank 1"):
+        run_workers(case_peer_dies_mid_collective, 4, str(outcome), timeout=120)
+    seconds, message = outcome.read_text().split("\n", 1)
+    assert "member 1" in message and "exited during a collective" in message, message
+    assert float(seconds) < 5.0, f"rank 0 waited {seconds} s for a dead peer"
 
 
 def test_tens_of_megabytes_float32(world: GlooWorld) -> None:

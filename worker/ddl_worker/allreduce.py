@@ -56,6 +56,7 @@ class Communicator(Protocol):
     def backend(self) -> str: ...
     def chunk_bytes(self) -> int: ...
     def residual_numel(self, numel: int, element_size: int) -> int: ...
+    def transports(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,15 @@ def make_hook_state(
     op: ReduceOp = "avg",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     device: torch.device | None = None,
+    shared_memory: bool = True,
 ) -> HookState:
     """Create the communicators for grid (innermost tier first, product = size of group).
 
     Collective: every rank of the default group calls it with the same arguments (subgroups
     are created with torch.distributed.new_group). Ranks outside group get a state whose hook
     raises. device defaults to the current CUDA device when group runs NCCL, else the CPU.
+    On Gloo, shared_memory lets the tiers below the slowest move data through a shared
+    segment where their ranks share /dev/shm (Gloo otherwise; see Communicator.transports()).
     """
     _check_choice("algorithm", algorithm, Algorithm)
     _check_choice("compression", compression, Compression)
@@ -153,9 +157,9 @@ def make_hook_state(
     want_flat = algorithm != "Hierarchical" or chosen == "nccl-flat"
     if chosen == "gloo":
         if want_hierarchical:
-            state.hierarchical = _gloo_communicator(dims, members, chunk_bytes)
+            state.hierarchical = _gloo_communicator(dims, members, chunk_bytes, shared_memory)
         if want_flat:
-            state.flat = _gloo_communicator((len(members),), members, chunk_bytes)
+            state.flat = _gloo_communicator((len(members),), members, chunk_bytes, False)
     else:
         if want_hierarchical:
             state.hierarchical = _nccl_communicator(dims, members, pg, device, True, chunk_bytes)
@@ -194,6 +198,7 @@ def allreduce(
     algorithm: Algorithm = "Hierarchical",
     backend: BackendRequest = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    shared_memory: bool = True,
 ) -> torch.Tensor:
     """Allreduce tensor in place over group arranged as grid, and return it.
 
@@ -210,6 +215,7 @@ def allreduce(
         pg.group_name,
         tensor.device.type,
         chunk_bytes,
+        shared_memory,
     )
     state = _PLAIN_STATES.get(key)
     if state is None:
@@ -222,6 +228,7 @@ def allreduce(
             op=op,
             chunk_bytes=chunk_bytes,
             device=tensor.device,
+            shared_memory=shared_memory,
         )
         _PLAIN_STATES[key] = state
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
@@ -360,7 +367,7 @@ def _rows(dims: tuple[int, ...], tier: int) -> list[list[int]]:
 
 
 def _gloo_communicator(
-    dims: tuple[int, ...], members: list[int], chunk_bytes: int
+    dims: tuple[int, ...], members: list[int], chunk_bytes: int, shared_memory: bool
 ) -> Communicator | None:
     """One Gloo subgroup per tier row; every rank creates every row, in the same order."""
     me = dist.get_rank()
@@ -373,7 +380,9 @@ def _gloo_communicator(
                 mine.append(pg.group_name)
     if me not in members:
         return None
-    return cast(Communicator, torch.ops.ddl.c10d_communicator(mine, list(dims), chunk_bytes))
+    return cast(
+        Communicator, torch.ops.ddl.c10d_communicator(mine, list(dims), chunk_bytes, shared_memory)
+    )
 
 
 def _nccl_communicator(
