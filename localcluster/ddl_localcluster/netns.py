@@ -44,7 +44,10 @@ UPLINK: Final = "up0"
 TBF_LATENCY: Final = "50ms"
 
 # $0: the pod's hosts file, $1: its hostname, then the command.
-_SANDBOX: Final = 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"'
+_SANDBOX: Final = (
+    'mount --bind "$0" /etc/hosts && mount -t tmpfs -o mode=1777 ddl-shm /dev/shm && '
+    'hostname "$1" && shift && exec "$@"'
+)
 
 Mode = Literal["netns", "loopback"]
 T = TypeVar("T")
@@ -262,8 +265,10 @@ class Network:
         """What runs a command as the pod: in its namespace, with its hostname and /etc/hosts.
 
         Like a kubelet's sandbox, so a program that resolves its own hostname (Gloo does) gets
-        the pod's address. `ip netns exec` already gives a private mount namespace for the
-        bind mount; every step execs, so the pod's pid is the one Popen returns. Nothing in
+        the pod's address, and with the pod's own /dev/shm (the memory-backed volume the
+        operator renders), so ranks of different pods cannot share memory as they could not on
+        real nodes. `ip netns exec` already gives a private mount namespace for the mounts;
+        every step execs, so the pod's pid is the one Popen returns. Nothing in
         loopback mode: there the pod shares the host's name and address space.
         """
         if pod.netns is None:

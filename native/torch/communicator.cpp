@@ -7,12 +7,43 @@
 #include "c10d_transport.h"
 #include "ddl/plan.h"
 
+#include <algorithm>
+
 namespace ddl::torch_adapter {
 namespace {
 
 // How long a shared-memory collective waits for a live but absent peer (a dead one is noticed
 // within tens of milliseconds); Gloo's own default is 30 minutes.
 constexpr double kSharedMemoryTimeoutSeconds = 600.0;
+
+// Releases the GIL for a scope when this thread holds it: waiting for work that may need it
+// (Python continuations of finished futures) must not keep it.
+class GilRelease {
+ public:
+  GilRelease() : saved_(Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr) {}
+  ~GilRelease() {
+    if (saved_ != nullptr) {
+      PyEval_RestoreThread(saved_);
+    }
+  }
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+
+ private:
+  PyThreadState* saved_;
+};
+
+// Every executor's queue, for drain_all; never destroyed, so it outlives any executor.
+std::mutex& registry_mutex() {
+  static auto* mutex = new std::mutex;
+  return *mutex;
+}
+
+template <typename Queue>
+std::vector<std::weak_ptr<Queue>>& registry() {
+  static auto* queues = new std::vector<std::weak_ptr<Queue>>;
+  return *queues;
+}
 
 }  // namespace
 
@@ -57,42 +88,84 @@ c10::intrusive_ptr<c10::ivalue::Future> Communicator::allreduce(
   return start(data, feedback, options);
 }
 
-SerialExecutor::SerialExecutor() : thread_([this] { loop(); }) {}
+SerialExecutor::SerialExecutor()
+    : queue_(std::make_shared<Queue>()), thread_([queue = queue_] { loop(queue); }) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto& queues = registry<Queue>();
+  queues.erase(std::remove_if(queues.begin(), queues.end(),
+                              [](const std::weak_ptr<Queue>& q) { return q.expired(); }),
+               queues.end());
+  queues.push_back(queue_);
+}
 
 SerialExecutor::~SerialExecutor() { shutdown(); }
 
 void SerialExecutor::shutdown() {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stopping_ = true;
+    std::lock_guard<std::mutex> lock(queue_->mutex);
+    queue_->stopping = true;
   }
-  wake_.notify_all();
-  if (thread_.joinable()) {
+  queue_->wake.notify_all();
+  if (!thread_.joinable()) {
+    return;
+  }
+  if (thread_.get_id() == std::this_thread::get_id()) {
+    thread_.detach();
+  } else {
     thread_.join();
+  }
+}
+
+void SerialExecutor::drain_all() {
+  std::vector<std::shared_ptr<Queue>> live;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    for (const std::weak_ptr<Queue>& q : registry<Queue>()) {
+      if (auto queue = q.lock()) {
+        live.push_back(std::move(queue));
+      }
+    }
+  }
+  GilRelease unlocked;
+  for (const auto& queue : live) {
+    std::unique_lock<std::mutex> lock(queue->mutex);
+    queue->stopping = true;
+    queue->wake.notify_all();
+    queue->idle.wait(lock, [&] { return queue->jobs.empty() && !queue->running; });
   }
 }
 
 void SerialExecutor::post(std::function<void()> job) {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    jobs_.push_back(std::move(job));
+    std::lock_guard<std::mutex> lock(queue_->mutex);
+    TORCH_CHECK(!queue_->stopping,
+                "ddl: the communicator is shut down (the process is exiting); no new allreduce "
+                "can start");
+    queue_->jobs.push_back(std::move(job));
   }
-  wake_.notify_one();
+  queue_->wake.notify_one();
 }
 
-void SerialExecutor::loop() {
+void SerialExecutor::loop(const std::shared_ptr<Queue>& queue) {
   for (;;) {
     std::function<void()> job;
     {
-      std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return stopping_ || !jobs_.empty(); });
-      if (jobs_.empty()) {
+      std::unique_lock<std::mutex> lock(queue->mutex);
+      queue->wake.wait(lock, [&] { return queue->stopping || !queue->jobs.empty(); });
+      if (queue->jobs.empty()) {
         return;  // stopping, and every posted job has run
       }
-      job = std::move(jobs_.front());
-      jobs_.pop_front();
+      job = std::move(queue->jobs.front());
+      queue->jobs.pop_front();
+      queue->running = true;
     }
     job();
+    job = nullptr;  // drops what the job held (maybe the executor's owner) before going idle
+    {
+      std::lock_guard<std::mutex> lock(queue->mutex);
+      queue->running = false;
+    }
+    queue->idle.notify_all();
   }
 }
 
@@ -128,11 +201,8 @@ C10dCommunicator::~C10dCommunicator() {
   // A finishing job can need the GIL (a Python continuation of its future, or dropping the
   // last reference to one). Python drops the communicator with the GIL held: release it
   // while the executor drains, or both threads wait for each other.
-  PyThreadState* saved = Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr;
+  GilRelease unlocked;
   executor_.shutdown();
-  if (saved != nullptr) {
-    PyEval_RestoreThread(saved);
-  }
 }
 
 void C10dCommunicator::check_device(const at::Tensor& data, const char* argument) const {
@@ -143,7 +213,10 @@ void C10dCommunicator::check_device(const at::Tensor& data, const char* argument
 c10::intrusive_ptr<c10::ivalue::Future> C10dCommunicator::start(
     at::Tensor data, std::optional<at::Tensor> residual, Options options) {
   auto future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get());
-  executor_.post([this, data, residual, options, future] {
+  // The job keeps the communicator alive: Python may drop its last reference (a DDP model
+  // going away) while buckets are still queued.
+  auto self = c10::intrusive_ptr<C10dCommunicator>::reclaim_copy(this);
+  executor_.post([this, self, data, residual, options, future] {
     try {
       const Buffer buffer = as_buffer(data);
       const std::optional<Buffer> feedback =

@@ -56,6 +56,9 @@ class Communicator : public torch::CustomClassHolder {
 
 // Runs posted jobs one after another on its own thread, in posting order: the order of
 // collectives must be the same on every rank, and callers (DDP buckets) post in that order.
+// The queue lives in state shared with the thread, so the executor may be destroyed from one
+// of its own jobs (the last reference to a communicator can go there): it then detaches the
+// thread, which finds the queue stopped and ends.
 class SerialExecutor {
  public:
   SerialExecutor();
@@ -63,17 +66,28 @@ class SerialExecutor {
   SerialExecutor(const SerialExecutor&) = delete;
   SerialExecutor& operator=(const SerialExecutor&) = delete;
 
+  // Throws once the executor is shut down (or drained by drain_all).
   void post(std::function<void()> job);
-  // Runs what is queued, then joins the thread; idempotent.
+  // Runs what is queued, then joins the thread (detaches it when called from it); idempotent.
   void shutdown();
 
- private:
-  void loop();
+  // Stops every executor in the process and waits until each has run what was queued. Called
+  // at interpreter exit, before finalization: a job finishing later would run its futures'
+  // Python continuations on a thread the finalizing interpreter no longer lets in.
+  static void drain_all();
 
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::deque<std::function<void()>> jobs_;
-  bool stopping_ = false;
+ private:
+  struct Queue {
+    std::mutex mutex;
+    std::condition_variable wake;
+    std::condition_variable idle;
+    std::deque<std::function<void()>> jobs;
+    bool running = false;
+    bool stopping = false;
+  };
+  static void loop(const std::shared_ptr<Queue>& queue);
+
+  std::shared_ptr<Queue> queue_;
   std::thread thread_;
 };
 

@@ -133,6 +133,8 @@ std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<double>> 
   return out;
 }
 
+void drain_communicators() { SerialExecutor::drain_all(); }
+
 void reset_stats() {
 #ifdef DDL_WITH_CUDA
   cuda::flush_stats(/*block=*/true);
@@ -170,6 +172,7 @@ TORCH_LIBRARY(ddl, m) {
   m.def("compress_ef_(Tensor src, Tensor(a!) dst, Tensor(b!)? residual, float scale) -> ()");
   m.def("stats() -> (str[], int[], float[])", &stats);
   m.def("reset_stats() -> ()", &reset_stats);
+  m.def("drain_communicators() -> ()", &drain_communicators);
 }
 
 TORCH_LIBRARY_IMPL(ddl, CPU, m) {

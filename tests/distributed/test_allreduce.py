@@ -308,6 +308,60 @@ def test_a_dead_node_mate_fails_the_collective_instead_of_hanging(tmp_path: Path
     assert float(seconds) < 5.0, f"rank 0 waited {seconds} s for a dead peer"
 
 
+EXIT_WITH_WORK_IN_FLIGHT = """
+import sys, datetime, torch, torch.distributed as dist
+from torch._C._distributed_c10d import TCPStore
+from ddl_worker import allreduce as ar
+rank, world, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+store = TCPStore("127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=60))
+dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+state = ar.make_hook_state((2, 2), op="sum")
+data = torch.ones(1 << 22)
+futures = [ar.submit(state, data, "sum").then(lambda f: f.value()) for _ in range(3)]
+print("submitted", flush=True)
+"""  # and the interpreter exits with the allreduces (and their Python continuations) queued
+
+
+def test_exiting_with_allreduces_in_flight_exits_cleanly(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "exit_in_flight.py"
+    script.write_text(EXIT_WITH_WORK_IN_FLIGHT)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), "4", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(4)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    for rank, (proc, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{out}"
+        assert "submitted" in out and "terminate" not in out, out
+
+
+def case_post_after_drain_is_refused(rank: int, world: int) -> str:
+    from ddl_worker import allreduce as ar
+
+    state = ar.make_hook_state((4, 2), op="sum")
+    torch.ops.ddl.drain_communicators()
+    with pytest.raises(RuntimeError, match="shut down") as error:
+        ar.submit(state, torch.ones(8), "sum").wait()
+    return str(error.value).splitlines()[0]
+
+
+def test_an_allreduce_after_the_exit_drain_is_refused_clearly() -> None:
+    messages = run_workers(case_post_after_drain_is_refused, 8, timeout=120)
+    assert all("process is exiting" in m for m in messages), messages[0]
+
+
 def test_tens_of_megabytes_float32(world: GlooWorld) -> None:
     # 40 MB per rank through the 3-tier schedule with its default chunking.
     errors = world.run(case_random_float32, 10_000_003, "2x2x2")

@@ -270,10 +270,12 @@ review = client.AuthenticationV1Api().create_self_subject_review(
     {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
 env = {k: os.environ[k] for k in ("POD_NAME", "POD_NAMESPACE", "POD_IP", "NODE_NAME", "HOST_IP",
                                   "GREETING")}
+open("/dev/shm/ddl-probe-who", "w").close()
 print(json.dumps({"user": review.status.user_info.username,
                   "pod": review.status.user_info.extra["authentication.kubernetes.io/pod-name"],
                   "env": env, "hostname": socket.gethostname(),
-                  "resolved": socket.gethostbyname(socket.gethostname())}))
+                  "resolved": socket.gethostbyname(socket.gethostname()),
+                  "shm": sorted(os.listdir("/dev/shm"))}))
 """
 
 
@@ -309,6 +311,9 @@ def test_a_pod_gets_downward_api_env_and_its_own_service_account_token(
     if agent.status()["network"] == "netns":
         # Its own hostname resolves to its own address, as Gloo's rendezvous needs.
         assert (out["hostname"], out["resolved"]) == ("who", got["status"]["podIP"])
+        # Its own /dev/shm, as on a real node: nothing of the host's or other pods' in it.
+        assert out["shm"] == ["ddl-probe-who"]
+        assert not Path("/dev/shm/ddl-probe-who").exists()
 
 
 def test_deleting_a_pod_sigterms_it_then_sigkills_after_the_grace_period(

@@ -10,6 +10,7 @@ error-feedback residuals of compressed DDP buckets.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at runtime.
+import atexit
 import importlib
 import math
 import time
@@ -31,6 +32,10 @@ try:
     importlib.import_module("ddl_worker._native")  # registers torch.ops.ddl
 except ImportError as error:
     raise ImportError(f"{BUILD_HINT} ({error})") from error
+
+# Let queued allreduces finish while the interpreter is whole: a CPU communicator's thread
+# that completes a future during finalization would run Python callbacks it may not run.
+atexit.register(torch.ops.ddl.drain_communicators)
 
 Algorithm: TypeAlias = Literal["Ring", "Hierarchical", "Auto"]
 Compression: TypeAlias = Literal["None", "BF16", "FP16"]

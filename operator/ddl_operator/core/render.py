@@ -95,6 +95,7 @@ def worker_pod(job: DDLJob, slot: int, service_account: str | None = None) -> di
             *main.get("ports", []),
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ]
+    _mount_shared_memory(spec, main)
     if job.spec.gpus_per_worker:
         resources = main.setdefault("resources", {})
         gpus = str(job.spec.gpus_per_worker)
@@ -112,6 +113,28 @@ def worker_pod(job: DDLJob, slot: int, service_account: str | None = None) -> di
         },
         "spec": spec,
     }
+
+
+SHM_VOLUME: Final = "ddl-shm"
+
+
+def _mount_shared_memory(spec: dict[str, Any], main: dict[str, Any]) -> None:
+    """A memory-backed /dev/shm for the worker, unless the template mounts its own.
+
+    The ranks of one worker exchange the intra-node tier through shared memory, and data
+    loader workers pass batches the same way; a container runtime's default /dev/shm is
+    64 MiB. Memory-backed emptyDir pages count against the container's memory limit.
+    """
+    if any(m.get("mountPath") == "/dev/shm" for m in main.get("volumeMounts", [])):
+        return
+    spec["volumes"] = [
+        *spec.get("volumes", []),
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+    ]
+    main["volumeMounts"] = [
+        *main.get("volumeMounts", []),
+        {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+    ]
 
 
 ANNOTATION_NODE: Final = f"{c.GROUP}/node"
