@@ -362,10 +362,27 @@ def test_an_allreduce_after_the_exit_drain_is_refused_clearly() -> None:
     assert all("process is exiting" in m for m in messages), messages[0]
 
 
+def case_large_integers(rank: int, world: int, size: int, dtype_name: str) -> bool:
+    from ddl_worker import allreduce as ar
+
+    dtype = getattr(torch, dtype_name)
+    ours = _integers(rank, size, dtype)
+    ref = ours.clone()
+    ar.allreduce(ours, (4, 2), op="sum")
+    dist.all_reduce(ref)
+    return bool(torch.equal(ours, ref))
+
+
 def test_tens_of_megabytes_float32(world: GlooWorld) -> None:
     # 40 MB per rank through the 3-tier schedule with its default chunking.
     errors = world.run(case_random_float32, 10_000_003, "2x2x2")
     assert max(errors) < 1e-4
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_tens_of_megabytes_16_bit(world: GlooWorld, dtype_name: str) -> None:
+    # 20 MB per rank, not a multiple of the grid; small integers sum exactly in 16 bits.
+    assert all(world.run(case_large_integers, 10_000_003, dtype_name))
 
 
 def test_compression_within_stated_bound(world: GlooWorld) -> None:
