@@ -333,6 +333,8 @@ class ControlPlane:
             f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC",
+            # `kubectl logs`: the node agent serves the kubelet API on the host's loopback.
+            "--kubelet-preferred-address-types=InternalDNS,InternalIP,Hostname",
             "--allow-privileged=true",
             # No real endpoint for the in-cluster "kubernetes" Service on loopback.
             "--endpoint-reconciler-type=none",

@@ -291,8 +291,7 @@ def run(cp: ControlPlane, timeout: float = 900) -> int:
     print_prometheus_summary(prometheus_url, name)
     say(
         f"look around: Prometheus {prometheus_url}; export KUBECONFIG={cp.kubeconfig}; "
-        "worker logs under "
-        f"{cp.dir / 'nodeagent' / 'pods'}; checkpoints in {CHECKPOINTS}; "
-        "`make demo-down` stops everything"
+        f"kubectl logs {name}-worker-0 (files under {cp.dir / 'nodeagent' / 'pods'}); "
+        f"checkpoints in {CHECKPOINTS}; `make demo-down` stops everything"
     )
     return 0 if status.get("phase") == "Succeeded" and seen_rendezvous else 1

@@ -41,6 +41,7 @@ import yaml
 
 from ddl_localcluster import netns
 from ddl_localcluster.controlplane import REPO_ROOT, cache_dir
+from ddl_localcluster.kubeletapi import ContainerLog, KubeletApi, LogError
 from ddl_localcluster.topology import ClusterSpec, NodeSpec, TopologyError, node_object
 
 HEARTBEAT_SECONDS: Final = 5.0
@@ -455,12 +456,13 @@ class NodeAgent:
         self._tls_name = (
             server.hostname if server.hostname not in ("127.0.0.1", "localhost") else None
         )
+        self.kubelet_api = KubeletApi(self._container_log, state_dir / "kubelet")
 
     # -- nodes ------------------------------------------------------------------------------
 
     def register(self, node: NodeState) -> None:
         """Creates (or updates) the Node, posts its capacity and Ready, renews its Lease."""
-        obj = node_object(node.spec, node.host_ip)
+        obj = node_object(node.spec, node.host_ip, self.kubelet_api.port)
         try:
             created = self.api.call("POST", "/api/v1/nodes", obj)
         except ApiError as err:
@@ -1066,6 +1068,30 @@ class NodeAgent:
                 del self.runs[run.uid]
         return killed
 
+    def _container_log(self, namespace: str, name: str, container: str) -> ContainerLog:
+        """Answers `kubectl logs` (through the kubelet API, on its threads): the newest run."""
+        key = f"{namespace}/{name}"
+        run = next((r for r in reversed(list(self.runs.values())) if r.key == key), None)
+        if run is None:
+            raise LogError(404, f'pod "{name}" in namespace "{namespace}" is not on this agent')
+        with self._pods_lock:
+            pod = self._pods.get(run.uid) or {}
+        names = [c["name"] for c in pod.get("spec", {}).get("containers", [])]
+        if names and container not in names:
+            raise LogError(400, f"container {container} is not valid for pod {name}")
+        if names and container != names[0]:
+            raise LogError(
+                400, f"the local node agent runs only a pod's first container ({names[0]})"
+            )
+        path = run.dir / f"{container}.log"
+        if not path.exists():
+            reason = run.state.get("waiting", {}).get("reason", "ContainerCreating")
+            raise LogError(
+                400, f'container "{container}" in pod "{name}" is waiting to start: {reason}'
+            )
+        proc = run.proc
+        return ContainerLog(path, lambda: proc is not None and proc.poll() is None)
+
     def _shutdown(self) -> None:
         """Stops every pod process (TERM, then KILL) and removes the emulated network."""
         live = [r for r in self.runs.values() if r.proc is not None and r.proc.poll() is None]
@@ -1082,6 +1108,7 @@ class NodeAgent:
             _signal_group(run.proc.pid, signal.SIGKILL)
             run.proc.wait()
         self.relay.close()
+        self.kubelet_api.close()
         removed = cleanup(self.state_dir)
         self.say(f"stopped: {len(live)} pod processes ended, {len(removed)} namespaces removed")
 
@@ -1126,6 +1153,7 @@ def run_agent(kubeconfig: Path, cluster: Path, state_dir: Path, network_mode: st
             agent.register(node)
     except BaseException:
         agent.relay.close()
+        agent.kubelet_api.close()
         cleanup(state_dir)
         raise
     for sig in (signal.SIGTERM, signal.SIGINT):

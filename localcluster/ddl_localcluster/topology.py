@@ -191,8 +191,12 @@ class ClusterSpec:
             raise TopologyError(f"{path}: {err}") from err
 
 
-def node_object(node: NodeSpec, address: str) -> dict[str, Any]:
-    """The Node a kubelet would register for this machine (conditions are the agent's)."""
+def node_object(node: NodeSpec, address: str, kubelet_port: int) -> dict[str, Any]:
+    """The Node a kubelet would register for this machine (conditions are the agent's).
+
+    InternalDNS "localhost" is where the API server reaches the agent's kubelet endpoint (the
+    control plane prefers it: the InternalIP lives in a namespace the host cannot route to).
+    """
     capacity = node.capacity()
     return {
         "apiVersion": "v1",
@@ -204,8 +208,10 @@ def node_object(node: NodeSpec, address: str) -> dict[str, Any]:
             "allocatable": capacity,
             "addresses": [
                 {"type": "InternalIP", "address": address},
+                {"type": "InternalDNS", "address": "localhost"},
                 {"type": "Hostname", "address": node.name},
             ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
             "nodeInfo": {
                 "architecture": "amd64",
                 "operatingSystem": "linux",

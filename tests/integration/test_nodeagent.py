@@ -241,6 +241,24 @@ def test_a_pod_runs_to_success_and_its_output_is_logged(
     assert "hello from" in agent.pod_log(namespace, "hello")
 
 
+def test_kubectl_logs_reads_and_follows_a_pod_through_the_api_server(
+    agent: AgentProcess, kubectl: Kubectl, namespace: str, spec: ClusterSpec
+) -> None:
+    node = node_names(spec)[2]
+    done = make_pod("lines", node, ["sh", "-c", "for i in 1 2 3; do echo line $i; done"])
+    run_pod(kubectl, namespace, done, "Succeeded")
+    assert kubectl.run("logs", "-n", namespace, "lines").stdout == "line 1\nline 2\nline 3\n"
+    assert kubectl.run("logs", "-n", namespace, "lines", "--tail=1").stdout == "line 3\n"
+    wrong = kubectl.run("logs", "-n", namespace, "lines", "-c", "other", check=False)
+    assert wrong.returncode != 0 and "container other is not valid" in wrong.stderr
+
+    # -f on a running pod streams until the container exits, then returns.
+    slow = make_pod("ticks", node, ["sh", "-c", "for i in 1 2 3; do echo tick $i; sleep 1; done"])
+    run_pod(kubectl, namespace, slow, "Running")
+    follow = kubectl.run("logs", "-n", namespace, "ticks", "-f", timeout=30)
+    assert follow.stdout == "tick 1\ntick 2\ntick 3\n"
+
+
 def test_a_failing_pod_fails_with_its_exit_code(
     agent: AgentProcess, kubectl: Kubectl, namespace: str, spec: ClusterSpec
 ) -> None:
