@@ -270,12 +270,14 @@ def run(cp: ControlPlane, timeout: float = 900) -> int:
                 f"({m['domains'].get('topology.kubernetes.io/rack', '?')})"
             )
     print(kubectl(cp, "get", "ddlj", name), end="")
+    uid = kubectl(cp, "get", "ddlj", name, "-o", "jsonpath={.metadata.uid}").strip()
+    # By uid: events of an earlier run's job of the same name live on for an hour.
     events = kubectl(
         cp,
         "get",
         "events",
         "--field-selector",
-        f"involvedObject.name={name}",
+        f"involvedObject.uid={uid}",
         "--sort-by=.lastTimestamp",
         "-o",
         "custom-columns=REASON:.reason,MESSAGE:.message",
