@@ -111,6 +111,14 @@ EventId C10dTransport::track(int tier, std::size_t bytes, double start,
   return static_cast<EventId>(ops_.size()) - 1;
 }
 
+void C10dTransport::abort_shared_memory() {
+  for (auto& shm : shared_memory_) {
+    if (shm) {
+      shm->abort();
+    }
+  }
+}
+
 EventId C10dTransport::track_inline(int tier, std::size_t bytes, double start) {
   const EventId id = track(tier, bytes, start, {});
   Op& op = ops_.back();

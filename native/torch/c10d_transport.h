@@ -35,6 +35,10 @@ class C10dTransport final : public Transport {
   EventId compress(int lane, Buffer src, Buffer dst, const Buffer* residual, float scale,
                    EventId after) override;
 
+  // After a failed allreduce: node-mates waiting in a shared-memory collective for this rank
+  // fail at once (and the rows cannot be used again) instead of waiting out the timeout.
+  void abort_shared_memory();
+
  private:
   // Set from the work's future callback: completion time for the per-tier busy time.
   struct Completion {

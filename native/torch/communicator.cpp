@@ -13,8 +13,9 @@ namespace ddl::torch_adapter {
 namespace {
 
 // How long a shared-memory collective waits for a live but absent peer (a dead one is noticed
-// within tens of milliseconds); Gloo's own default is 30 minutes.
-constexpr double kSharedMemoryTimeoutSeconds = 600.0;
+// within tens of milliseconds): Gloo's default, so a long checkpoint write on one rank stalls
+// its node-mates no sooner than it would stall the network tier.
+constexpr double kSharedMemoryTimeoutSeconds = 1800.0;
 
 // Releases the GIL for a scope when this thread holds it: waiting for work that may need it
 // (Python continuations of finished futures) must not keep it.
@@ -224,7 +225,11 @@ c10::intrusive_ptr<c10::ivalue::Future> C10dCommunicator::start(
       run_allreduce(*transport_, grid_, buffer, feedback ? &*feedback : nullptr, options);
       future->markCompleted(c10::IValue(data));
     } catch (...) {
-      future->setError(std::current_exception());
+      // A continuation of the completed future may be what threw: the future keeps its value.
+      if (!future->completed()) {
+        transport_->abort_shared_memory();
+        future->setError(std::current_exception());
+      }
     }
   });
   return future;

@@ -93,6 +93,8 @@ class SerialExecutor {
 
 // CPU tensors over c10d process groups (Gloo); the schedule runs on a background thread so a
 // DDP hook returns at once and communication overlaps the rest of the backward pass.
+class C10dTransport;
+
 class C10dCommunicator final : public Communicator {
  public:
   // With shared_memory, every tier but the slowest (the network) tries the shared-memory
@@ -112,7 +114,7 @@ class C10dCommunicator final : public Communicator {
 
  private:
   std::vector<std::string> transports_;
-  std::unique_ptr<Transport> transport_;
+  std::unique_ptr<C10dTransport> transport_;
   SerialExecutor executor_;  // last member: joined before the transport goes away
 };
 

@@ -1,9 +1,11 @@
 // Shared-memory intra-node tier (see shm_tier.h).
 //
-// Segment layout: one 64-byte line with the leader's token, then one line per member for each
-// of `arrive` (last operation whose slot the member filled), `done` (last operation it finished
-// reading) and its pid, then two halves of `size` slots. Operation s uses half s % 2, so a
-// member may fill its slot for s as soon as every member is done with s - 2.
+// Segment layout: one 64-byte line with the leader's token and the row's abort word, then one
+// line per member for each of `arrive` (last operation whose slot the member filled), `done`
+// (last operation it finished reading) and its identity (pid and pid namespace), then two
+// halves of `size` slots. Operation s uses half s % 2, so a member may fill its slot for s as
+// soon as every member is done with s - 2. A member whose collective fails sets the abort word
+// and wakes everyone: the others fail too instead of pairing later operations wrongly.
 #include "shm_tier.h"
 
 #include <ATen/ops/full.h>
@@ -26,6 +28,8 @@
 #include <climits>
 #include <cstring>
 #include <random>
+#include <utility>
+#include <cstdio>
 #include <sched.h>
 #include <signal.h>
 
@@ -36,6 +40,40 @@ constexpr std::size_t kLine = 64;
 constexpr std::size_t kNameBytes = 56;
 constexpr int kSpins = 64;                  // sched_yield rounds before sleeping on the futex
 constexpr long kSleepNanos = 20'000'000;    // futex wait slice; also the liveness check period
+constexpr std::size_t kAbortOffset = 8;     // in line 0, after the token
+
+struct Identity {
+  std::int32_t pid;
+  std::uint64_t pid_namespace;
+};
+
+std::uint64_t own_pid_namespace() {
+  struct stat info {};
+  return stat("/proc/self/ns/pid", &info) == 0 ? static_cast<std::uint64_t>(info.st_ino) : 0;
+}
+
+Identity* identity(void* base, int size, int rank) {
+  return reinterpret_cast<Identity*>(static_cast<char*>(base) + kLine * (1 + 2 * size + rank));
+}
+
+// Runs a cleanup when the scope is left, unless dismissed.
+template <typename F>
+class ScopeExit {
+ public:
+  explicit ScopeExit(F cleanup) : cleanup_(std::move(cleanup)) {}
+  ~ScopeExit() {
+    if (armed_) {
+      cleanup_();
+    }
+  }
+  ScopeExit(const ScopeExit&) = delete;
+  ScopeExit& operator=(const ScopeExit&) = delete;
+  void dismiss() { armed_ = false; }
+
+ private:
+  F cleanup_;
+  bool armed_ = true;
+};
 
 std::size_t header_bytes(int size) {
   const std::size_t raw = kLine * (1 + 3 * static_cast<std::size_t>(size));
@@ -103,6 +141,7 @@ void sum_into(DType dtype, const std::vector<const char*>& parts, std::size_t n,
       sum_into<c10::BFloat16>(parts, n, out);
       return;
   }
+  TORCH_CHECK(false, "shared-memory tier: unsupported dtype");
 }
 
 // The leader's side of connect(): a fresh segment under a random name, sized and reserved
@@ -167,6 +206,15 @@ std::unique_ptr<SharedMemoryTier> SharedMemoryTier::connect(c10d::ProcessGroup& 
   const std::size_t bytes = segment_bytes(size);
   std::string error;
   void* base = nullptr;
+  std::string created;  // the name this rank must unlink (the leader's), whatever happens
+  ScopeExit cleanup([&] {
+    if (!created.empty()) {
+      shm_unlink(created.c_str());
+    }
+    if (base != nullptr) {
+      munmap(base, bytes);
+    }
+  });
 
   // The leader's segment name and token, broadcast to the others.
   at::Tensor card = at::zeros({static_cast<int64_t>(kNameBytes + sizeof(std::uint64_t))},
@@ -179,6 +227,7 @@ std::unique_ptr<SharedMemoryTier> SharedMemoryTier::connect(c10d::ProcessGroup& 
                   static_cast<unsigned long long>(token));
     base = create_segment(name, bytes, &error);
     if (base != nullptr) {
+      created = name;
       std::memcpy(base, &token, sizeof token);
       std::memcpy(card.data_ptr(), name, std::strlen(name) + 1);
       std::memcpy(static_cast<char*>(card.data_ptr()) + kNameBytes, &token, sizeof token);
@@ -191,34 +240,34 @@ std::unique_ptr<SharedMemoryTier> SharedMemoryTier::connect(c10d::ProcessGroup& 
     std::uint64_t token = 0;
     std::memcpy(&token, static_cast<const char*>(card.data_ptr()) + kNameBytes, sizeof token);
     base = open_segment(name, bytes, token, &error);
+  } else if (rank != 0) {
+    error = "the tier's first rank could not create the segment";
+  }
+  if (base != nullptr) {
+    // Before the agreement below: from then on a peer waiting for this rank can watch it.
+    *identity(base, size, rank) = Identity{static_cast<std::int32_t>(getpid()),
+                                           own_pid_namespace()};
   }
 
-  // Every member must have mapped the same segment; then the name can go.
+  // Every member must have mapped the same segment; then the name can go (cleanup).
   std::vector<at::Tensor> ok{at::full({1}, base != nullptr ? 1 : 0, at::kInt)};
   c10d::AllreduceOptions min;
   min.reduceOp = c10d::ReduceOp::MIN;
   group.allreduce(ok, min)->wait();
-  if (rank == 0 && !name.empty()) {
-    shm_unlink(name.c_str());
-  }
   if (ok[0].item<int>() == 0) {
-    if (base != nullptr) {
-      munmap(base, bytes);
-    }
     *why_not = error.empty() ? "another member of the tier could not map the segment "
                                "(ranks in different containers or hosts?)"
                              : error;
     return nullptr;
   }
+  void* mapped = std::exchange(base, nullptr);  // the tier owns the mapping from here
   return std::unique_ptr<SharedMemoryTier>(
-      new SharedMemoryTier(base, bytes, rank, size, timeout_seconds));
+      new SharedMemoryTier(mapped, bytes, rank, size, timeout_seconds));
 }
 
 SharedMemoryTier::SharedMemoryTier(void* base, std::size_t bytes, int rank, int size,
                                    double timeout_seconds)
-    : base_(base), bytes_(bytes), rank_(rank), size_(size), timeout_seconds_(timeout_seconds) {
-  *pid(rank_) = static_cast<std::int32_t>(getpid());
-}
+    : base_(base), bytes_(bytes), rank_(rank), size_(size), timeout_seconds_(timeout_seconds) {}
 
 SharedMemoryTier::~SharedMemoryTier() { munmap(base_, bytes_); }
 
@@ -231,9 +280,51 @@ std::uint32_t* SharedMemoryTier::done(int rank) const {
                                           kLine * (1 + size_ + rank));
 }
 
-std::int32_t* SharedMemoryTier::pid(int rank) const {
-  return reinterpret_cast<std::int32_t*>(static_cast<char*>(base_) +
-                                         kLine * (1 + 2 * size_ + rank));
+std::uint32_t* SharedMemoryTier::abort_word() const {
+  return reinterpret_cast<std::uint32_t*>(static_cast<char*>(base_) + kAbortOffset);
+}
+
+bool SharedMemoryTier::exited(int peer) const {
+  const Identity* who = identity(base_, size_, peer);
+  const std::int32_t peer_pid = __atomic_load_n(&who->pid, __ATOMIC_RELAXED);
+  const std::uint64_t space = __atomic_load_n(&who->pid_namespace, __ATOMIC_RELAXED);
+  // A pid from another pid namespace (containers sharing /dev/shm) means nothing here.
+  if (peer_pid <= 0 || space == 0 || space != own_pid_namespace()) {
+    return false;
+  }
+  if (kill(peer_pid, 0) != 0) {
+    return errno == ESRCH;
+  }
+  // A zombie (exited, not yet reaped) still answers kill(0).
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(peer_pid));
+  FILE* stat_file = std::fopen(path, "r");
+  if (stat_file == nullptr) {
+    return false;
+  }
+  char state = '?';
+  const int read = std::fscanf(stat_file, "%*d %*s %c", &state);
+  std::fclose(stat_file);
+  return read == 1 && (state == 'Z' || state == 'X');
+}
+
+void SharedMemoryTier::check_usable() const {
+  TORCH_CHECK(as_atomic(abort_word()).load(std::memory_order_acquire) == 0,
+              "shared-memory tier: a collective failed on a member of this row earlier; the "
+              "communicator cannot be used again (the job must re-form)");
+}
+
+void SharedMemoryTier::abort() {
+  as_atomic(abort_word()).store(1, std::memory_order_release);
+  for (int member = 0; member < size_; ++member) {
+    wake_all(arrive(member));
+    wake_all(done(member));
+  }
+}
+
+void SharedMemoryTier::fail(const std::string& message) {
+  abort();
+  TORCH_CHECK(false, message);
 }
 
 char* SharedMemoryTier::slot(std::uint32_t sequence, int rank) const {
@@ -241,7 +332,7 @@ char* SharedMemoryTier::slot(std::uint32_t sequence, int rank) const {
   return static_cast<char*>(base_) + header_bytes(size_) + index * kSlotBytes;
 }
 
-void SharedMemoryTier::wait_at_least(std::uint32_t* word, std::uint32_t target, int peer) const {
+void SharedMemoryTier::wait_at_least(std::uint32_t* word, std::uint32_t target, int peer) {
   std::atomic<std::uint32_t>& value = as_atomic(word);
   const double deadline = now_seconds() + timeout_seconds_;
   for (int round = 0;; ++round) {
@@ -249,22 +340,26 @@ void SharedMemoryTier::wait_at_least(std::uint32_t* word, std::uint32_t target, 
     if (reached(seen, target)) {
       return;
     }
+    check_usable();
     if (round < kSpins) {
       sched_yield();
       continue;
     }
     const timespec slice{0, kSleepNanos};
     syscall(SYS_futex, word, FUTEX_WAIT, seen, &slice, nullptr, 0);
-    const std::int32_t peer_pid = __atomic_load_n(pid(peer), __ATOMIC_RELAXED);
-    TORCH_CHECK(peer_pid == 0 || kill(peer_pid, 0) == 0 || errno != ESRCH,
-                "shared-memory tier: member ", peer, " (pid ", peer_pid,
-                ") exited during a collective");
-    TORCH_CHECK(now_seconds() < deadline, "shared-memory tier: member ", peer,
-                " did not reach collective ", target, " within ", timeout_seconds_, " s");
+    if (exited(peer)) {
+      fail("shared-memory tier: member " + std::to_string(peer) + " (pid " +
+           std::to_string(identity(base_, size_, peer)->pid) + ") exited during a collective");
+    }
+    if (now_seconds() >= deadline) {
+      fail("shared-memory tier: member " + std::to_string(peer) + " did not reach collective " +
+           std::to_string(target) + " within " + std::to_string(timeout_seconds_) + " s");
+    }
   }
 }
 
 std::uint32_t SharedMemoryTier::begin_op() {
+  check_usable();
   const std::uint32_t sequence = ++sequence_;
   for (int peer = 0; peer < size_; ++peer) {
     wait_at_least(done(peer), sequence - 2, peer);

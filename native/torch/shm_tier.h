@@ -40,13 +40,24 @@ class SharedMemoryTier {
 
   int size() const { return size_; }
 
+  // Marks the row failed for every member and wakes their waits: called when this rank gives
+  // up on an allreduce, so node-mates fail at once instead of waiting for it.
+  void abort();
+
  private:
   SharedMemoryTier(void* base, std::size_t bytes, int rank, int size, double timeout_seconds);
 
   std::uint32_t* arrive(int rank) const;
   std::uint32_t* done(int rank) const;
-  std::int32_t* pid(int rank) const;
+  std::uint32_t* abort_word() const;
   char* slot(std::uint32_t sequence, int rank) const;
+
+  // Throws when this row cannot be used any more (a collective failed on some member).
+  void check_usable() const;
+  // Marks the row failed for every member and wakes all their waits, then throws `message`.
+  [[noreturn]] void fail(const std::string& message);
+  // Whether `peer` is known to have exited (only judged when it shares our pid namespace).
+  bool exited(int peer) const;
 
   // Starts operation number ++sequence_: waits until every member finished the operation
   // that last used this half of the slots, and returns the new sequence number.
@@ -55,7 +66,7 @@ class SharedMemoryTier {
   void exchange(std::uint32_t sequence);
   void finish_op(std::uint32_t sequence);
   // Blocks until *word >= target (modulo 2^32); throws when `peer` exits or on timeout.
-  void wait_at_least(std::uint32_t* word, std::uint32_t target, int peer) const;
+  void wait_at_least(std::uint32_t* word, std::uint32_t target, int peer);
 
   void* base_;
   std::size_t bytes_;
