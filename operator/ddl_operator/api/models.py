@@ -151,7 +151,12 @@ def _default_of(model: type[ApiModel]) -> JsonDict:
 
 _TEMPLATE_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "Pod template of a worker (the user's container). Standard PodTemplateSpec.",
+    "description": (
+        "Pod template of a worker (the user's container). Standard PodTemplateSpec. The "
+        "operator adds a scheduling gate, restartPolicy Never, hostname and subdomain, the "
+        "rendezvous env, a metrics port, the GPU limit, and a memory-backed /dev/shm (the "
+        "ranks of a worker share memory) unless the first container mounts its own."
+    ),
     "x-kubernetes-preserve-unknown-fields": True,
     "required": ["spec"],
     "properties": {
