@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ddl_localcluster.controlplane import binary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +43,9 @@ class Kubectl:
         return proc
 
     def apply(self, obj: dict[str, Any], *flags: str) -> subprocess.CompletedProcess[str]:
-        return self.run("apply", "-f", "-", *flags, input=yaml.safe_dump(obj), check=False)
+        # JSON, not YAML: PyYAML leaves strings like "12e45" unquoted, which kubectl's YAML
+        # reader then takes for numbers.
+        return self.run("apply", "-f", "-", *flags, input=json.dumps(obj), check=False)
 
     def wait_job(self, ns: str, name: str, jsonpath: str, value: str, timeout: int = 60) -> None:
         """kubectl wait on a DDLJob field; on timeout, fail with the job's status."""
@@ -204,7 +204,7 @@ class FakeCluster:
 def make_fake_cluster(
     kubectl: Kubectl, zones: int = 2, racks: int = 2, nodes: int = 4, gpus: int = 8
 ) -> FakeCluster:
-    test_id = uuid.uuid4().hex[:6]
+    test_id = f"t{uuid.uuid4().hex[:6]}"
     docs, names = [], []
     for z in range(zones):
         for r in range(racks):
@@ -223,7 +223,9 @@ def make_fake_cluster(
                         gpus,
                     )
                 )
-    kubectl.run("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    kubectl.run(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+    )
     kubectl.run(
         "wait", "--for=condition=Ready", "--timeout=60s", "node", "-l", f"ddl-test={test_id}"
     )
