@@ -11,8 +11,6 @@ and the logs are files the same user can read anyway.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import ssl
 import threading
 import time
@@ -23,9 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Final
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from ddl_localcluster.pki import write_self_signed
 
 FOLLOW_POLL_SECONDS: Final = 0.2
 
@@ -50,40 +46,6 @@ class LogError(Exception):
 Lookup = Callable[[str, str, str], ContainerLog]
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "ddl-nodeagent")])
-    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_file, key_file = directory / "kubelet.crt", directory / "kubelet.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.touch(mode=0o600)
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 def tail_offset(path: Path, lines: int) -> int:
     """Byte offset where the last `lines` lines of the file start."""
     data = path.read_bytes()
@@ -102,7 +64,7 @@ class KubeletApi:
     """HTTPS on 127.0.0.1 (a free port) answering /containerLogs from `lookup`."""
 
     def __init__(self, lookup: Lookup, cert_dir: Path) -> None:
-        cert_file, key_file = _self_signed(cert_dir)
+        cert_file, key_file = write_self_signed(cert_dir, "ddl-nodeagent")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert_file, key_file)
         self._stopping = threading.Event()

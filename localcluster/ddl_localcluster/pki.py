@@ -35,6 +35,38 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
+def write_self_signed(directory: Path, cn: str) -> tuple[Path, Path]:
+    """A self-signed serving cert for localhost/127.0.0.1 and its key: (cert file, key file).
+
+    For endpoints whose client does not check the certificate (the API server calling a
+    kubelet without --kubelet-certificate-authority) but still speaks only TLS.
+    """
+    key = _key()
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = directory / f"{cn}.crt", directory / f"{cn}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.touch(mode=0o600)
+    key_file.write_bytes(_pem_key(key))
+    return cert_file, key_file
+
+
 @dataclass(frozen=True)
 class Pki:
     """File paths of the generated material."""

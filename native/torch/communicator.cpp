@@ -34,18 +34,6 @@ class GilRelease {
   PyThreadState* saved_;
 };
 
-// Every executor's queue, for drain_all; never destroyed, so it outlives any executor.
-std::mutex& registry_mutex() {
-  static auto* mutex = new std::mutex;
-  return *mutex;
-}
-
-template <typename Queue>
-std::vector<std::weak_ptr<Queue>>& registry() {
-  static auto* queues = new std::vector<std::weak_ptr<Queue>>;
-  return *queues;
-}
-
 }  // namespace
 
 Communicator::Communicator(Grid grid, std::size_t chunk_bytes, std::string backend)
@@ -89,10 +77,21 @@ c10::intrusive_ptr<c10::ivalue::Future> Communicator::allreduce(
   return start(data, feedback, options);
 }
 
+// Never destroyed, so they outlive any executor (some are destroyed late at exit).
+std::mutex& SerialExecutor::registry_mutex() {
+  static auto* mutex = new std::mutex;
+  return *mutex;
+}
+
+std::vector<std::weak_ptr<SerialExecutor::Queue>>& SerialExecutor::registry() {
+  static auto* queues = new std::vector<std::weak_ptr<Queue>>;
+  return *queues;
+}
+
 SerialExecutor::SerialExecutor()
     : queue_(std::make_shared<Queue>()), thread_([queue = queue_] { loop(queue); }) {
   std::lock_guard<std::mutex> lock(registry_mutex());
-  auto& queues = registry<Queue>();
+  auto& queues = registry();
   queues.erase(std::remove_if(queues.begin(), queues.end(),
                               [](const std::weak_ptr<Queue>& q) { return q.expired(); }),
                queues.end());
@@ -121,7 +120,7 @@ void SerialExecutor::drain_all() {
   std::vector<std::shared_ptr<Queue>> live;
   {
     std::lock_guard<std::mutex> lock(registry_mutex());
-    for (const std::weak_ptr<Queue>& q : registry<Queue>()) {
+    for (const std::weak_ptr<Queue>& q : registry()) {
       if (auto queue = q.lock()) {
         live.push_back(std::move(queue));
       }

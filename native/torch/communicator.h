@@ -86,6 +86,9 @@ class SerialExecutor {
     bool stopping = false;
   };
   static void loop(const std::shared_ptr<Queue>& queue);
+  // Every executor's queue, for drain_all (under registry_mutex()).
+  static std::vector<std::weak_ptr<Queue>>& registry();
+  static std::mutex& registry_mutex();
 
   std::shared_ptr<Queue> queue_;
   std::thread thread_;

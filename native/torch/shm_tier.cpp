@@ -267,7 +267,12 @@ std::unique_ptr<SharedMemoryTier> SharedMemoryTier::connect(c10d::ProcessGroup& 
 
 SharedMemoryTier::SharedMemoryTier(void* base, std::size_t bytes, int rank, int size,
                                    double timeout_seconds)
-    : base_(base), bytes_(bytes), rank_(rank), size_(size), timeout_seconds_(timeout_seconds) {}
+    : base_(base),
+      bytes_(bytes),
+      rank_(rank),
+      size_(size),
+      timeout_seconds_(timeout_seconds),
+      pid_namespace_(own_pid_namespace()) {}
 
 SharedMemoryTier::~SharedMemoryTier() { munmap(base_, bytes_); }
 
@@ -289,7 +294,7 @@ bool SharedMemoryTier::exited(int peer) const {
   const std::int32_t peer_pid = __atomic_load_n(&who->pid, __ATOMIC_RELAXED);
   const std::uint64_t space = __atomic_load_n(&who->pid_namespace, __ATOMIC_RELAXED);
   // A pid from another pid namespace (containers sharing /dev/shm) means nothing here.
-  if (peer_pid <= 0 || space == 0 || space != own_pid_namespace()) {
+  if (peer_pid <= 0 || space == 0 || space != pid_namespace_) {
     return false;
   }
   if (kill(peer_pid, 0) != 0) {

@@ -73,6 +73,7 @@ class SharedMemoryTier {
   int rank_;
   int size_;
   double timeout_seconds_;
+  std::uint64_t pid_namespace_;  // ours; a peer's pid is judged only in the same namespace
   std::uint32_t sequence_ = 0;
 };
 
