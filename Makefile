@@ -44,16 +44,22 @@ gpu-check:
 	scripts/gpu-check.sh
 
 # Benchmarks print ratios measured side by side in one run (docs/benchmarks.md).
-bench: install k8s
+bench: system-deps install k8s
 	$(BIN)/python benchmarks/placement_bench.py
 	$(BIN)/python benchmarks/scheduler_compare.py
 	$(BIN)/python benchmarks/allreduce_bench.py
 
-# System packages the tests use: promtool (Debian's prometheus) checks the alert rules.
+# System packages the demo, benchmarks and tests use: Debian's prometheus (the server scrapes
+# the demo's workers; promtool checks the alert rules) and iproute2 (ip, tc: the simulated nodes'
+# network namespaces and shaped links).
+SYSTEM_PACKAGES := prometheus:prometheus promtool:prometheus ip:iproute2 tc:iproute2
 system-deps:
-	@command -v promtool >/dev/null || { \
-	  echo "installing Debian's prometheus (promtool)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@missing=$$(for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 # Control-plane binaries, built from the Go module proxy into a cache outside the repo.
 k8s:
@@ -84,14 +90,14 @@ test-e2e: install k8s
 test: install k8s system-deps lint cuda-check
 	$(BIN)/pytest -q tests
 
-cluster-up: install k8s
+cluster-up: system-deps install k8s
 	$(BIN)/ddl-cluster up
 
 cluster-down: install
 	$(BIN)/ddl-cluster down
 
 # The main job on the local cluster; `make demo-down` stops everything it started.
-demo: install k8s
+demo: system-deps install k8s
 	$(BIN)/ddl-cluster demo
 
 demo-down: cluster-down

@@ -8,7 +8,10 @@ Run it through the agent, e.g. `python -m ddl_worker run examples/resnet-job.yam
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +100,32 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--hidden", type=int, default=0, help="width of a hidden head layer (0: none)"
     )
+    parser.add_argument(
+        "--hold-at-step",
+        type=int,
+        default=-1,
+        help="before this step, wait until --hold-file exists (for tests and demos that act "
+        "mid-training); a stop request (new epoch, pod ending) ends the wait",
+    )
+    parser.add_argument("--hold-file", type=Path, help="the file that releases the hold")
     return parser.parse_args()
+
+
+def hold(rt: ddl_worker.Runtime, step: int, release: Path) -> None:
+    """Wait at step until release exists; rank 0 says where it waits in release + '.held'.
+
+    The marker ({epoch, step, worldSize}) tells an outside observer that training is
+    mid-run and where, so it can act (kill, scale) without racing the job's end.
+    """
+    if rt.rank == 0:
+        marker = release.with_name(release.name + ".held")
+        temp = marker.with_name(f".{marker.name}.{os.getpid()}")
+        temp.write_text(
+            json.dumps({"epoch": rt.env.epoch, "step": step, "worldSize": rt.world_size})
+        )
+        temp.replace(marker)
+    while not release.exists() and rt.control.requested is None:
+        time.sleep(0.05)
 
 
 def main() -> None:
@@ -128,7 +156,9 @@ def main() -> None:
     began = time.perf_counter()
     loop = ddl_worker.steps(args.steps, start=start, state=state)
     loss = torch.tensor(float("nan"))
-    for _step in loop:
+    for step in loop:
+        if step == args.hold_at_step and args.hold_file and not args.hold_file.exists():
+            hold(rt, step, args.hold_file)
         batch = sampler.next_batch()
         x = images[batch.indices].to(rt.device)
         y = labels[batch.indices].to(rt.device)

@@ -9,27 +9,19 @@ from pathlib import Path
 
 from ddl_worker.checkpoint import Checkpointer
 
-from workerutil import job_log, make_job_manifest, progress, read_json, start_local_job, wait_for
+from holds import Hold
+from workerutil import job_log, make_job_manifest, read_json, start_local_job
 
 EVERY = 10
 STEPS = 100
 BATCH = 48
 SAMPLES = 1200  # 25 steps per data epoch: the re-forms land mid-epoch
 REFORM_LIMIT = 30.0
-
-
-def rank0_progress(work: Path, epoch: int, at_least: int) -> int | None:
-    """Rank 0's step once it reached at_least in epoch, else None."""
-    membership = read_json(work / "rendezvous.json")
-    if membership is None or membership["epoch"] != epoch:
-        return None
-    current = progress(work, membership["members"][0]["pod"])
-    if current is None or current.epoch != epoch or current.step < at_least:
-        return None
-    return current.step
+HOLD_STEP = 25  # every gang waits here until released; each resumes from the checkpoint at 20
 
 
 def test_lost_worker_and_killed_process_reform_and_resume(tmp_path: Path) -> None:
+    hold = Hold.at(HOLD_STEP, tmp_path / "hold")
     manifest = make_job_manifest(
         tmp_path / "job.yaml",
         name="elastic",
@@ -44,33 +36,34 @@ def test_lost_worker_and_killed_process_reform_and_resume(tmp_path: Path) -> Non
             str(SAMPLES),
             "--global-batch",
             str(BATCH),
+            *hold.args(),
         ],
     )
     work = tmp_path / "run"
     job = start_local_job(manifest, work)
     try:
-        # 1. SIGKILL the agent of worker 0 (rank 0, the master): its training process dies
-        #    with it; the other three must re-form at epoch 1 without it.
-        wait_for("step 25 in epoch 0", lambda: rank0_progress(work, 0, 25), 120, job_log(work))
+        # 1. SIGKILL the agent of worker 0 (rank 0, the master) while the gang waits at the
+        #    hold: its training process dies with it; the other three must re-form at epoch 1
+        #    without it, resume from step 20 and come back to the hold.
+        held = hold.wait_held(120, log=lambda: job_log(work))
+        assert (held["epoch"], held["worldSize"]) == (0, 4), held
         agents = read_json(work / "agents.json")
         os.kill(agents["elastic-w0"], signal.SIGKILL)
         killed_at = time.monotonic()
-        resumed = wait_for(
-            "a step in epoch 1", lambda: rank0_progress(work, 1, 1), 60, job_log(work)
-        )
-        print(
-            f"lost agent: first step of epoch 1 {time.monotonic() - killed_at:.1f}s after the kill"
-        )
+        held = hold.wait_held(60, when=lambda m: m["epoch"] == 1, log=lambda: job_log(work))
+        assert held["worldSize"] == 3, held
+        print(f"lost agent: epoch 1 at the hold {time.monotonic() - killed_at:.1f}s after the kill")
 
         # 2. SIGKILL one training process of worker 2: its agent survives, the gang restarts.
-        wait_for("12 more steps", lambda: rank0_progress(work, 1, resumed + 12), 60, job_log(work))
         gang = read_json(work / "pods" / "elastic-w2" / "gang.json")
         assert gang["epoch"] == 1
         os.kill(gang["pids"][0], signal.SIGKILL)
         killed_at = time.monotonic()
-        wait_for("a step in epoch 2", lambda: rank0_progress(work, 2, 1), 60, job_log(work))
-        print(f"killed process: first step of epoch 2 {time.monotonic() - killed_at:.1f}s later")
+        held = hold.wait_held(60, when=lambda m: m["epoch"] == 2, log=lambda: job_log(work))
+        assert held["worldSize"] == 3, held
+        print(f"killed process: epoch 2 at the hold {time.monotonic() - killed_at:.1f}s later")
 
+        hold.release()
         code = job.wait(timeout=120)
     finally:
         if job.poll() is None:
