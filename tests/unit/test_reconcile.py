@@ -226,6 +226,8 @@ def test_restarts_beyond_the_limit_fail_the_job() -> None:
     cl.pods[victim] = replace(cl.pods[victim], phase="Failed", exit_code=1)
     cl.step()
     assert cl.job.status.phase == "Failed" and "maxRestarts" in cl.job.status.message
+    assert cl.job.status.restarts == 1, "the field agrees with the message"
+    assert cl.job.status.message.startswith("1 restarts")
 
 
 def test_members_finishing_one_by_one_complete_the_job_without_reforming() -> None:

@@ -17,12 +17,13 @@ import datetime as dt
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import (
     Condition,
     DDLJob,
+    DDLJobSpec,
     DDLJobStatus,
     Member,
     Phase,
@@ -77,6 +78,10 @@ class Plan:
     place: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue_after: float = 30.0
+
+    def update_status(self, **fields: Any) -> None:
+        """Change fields of the status draft (snake_case names)."""
+        self.status = self.status.model_copy(update=fields)
 
 
 def _iso(t: dt.datetime) -> str:
@@ -133,6 +138,69 @@ def _lost(pod: WorkerPod, nodes: Mapping[str, NodeInfo]) -> str | None:
     return None
 
 
+TERMINAL: Final = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What one pass reads, indexed: the job, its pods, the nodes and the clock."""
+
+    job: DDLJob
+    pods: Sequence[WorkerPod]
+    nodes: Sequence[NodeInfo]
+    now: dt.datetime
+    service_account: str | None
+    by_node: Mapping[str, NodeInfo]
+    by_name: Mapping[str, WorkerPod]
+    members: Sequence[str]  # the published membership, in rank order
+    lost: Mapping[str, str]  # pod -> why it no longer counts as a worker
+
+    @property
+    def spec(self) -> DDLJobSpec:
+        return self.job.spec
+
+    @property
+    def old(self) -> DDLJobStatus:
+        return self.job.status
+
+    @property
+    def stamp(self) -> str:
+        return _iso(self.now)
+
+
+@dataclass(frozen=True)
+class Losses:
+    """Members this pass lost: pods gone or failed, and training that failed in a live pod."""
+
+    members: Sequence[str]
+    failed_training: Sequence[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.members or self.failed_training)
+
+
+@dataclass(frozen=True)
+class Gang:
+    """The workers kept after scaling: placed ones, gated ones, and members scaled away."""
+
+    placed: Sequence[WorkerPod]
+    unplaced: Sequence[WorkerPod]
+    removed: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Membership:
+    """The rendezvous after this pass, and what it is waiting on."""
+
+    rendezvous: Rendezvous | None
+    running: frozenset[str]
+    waiting: bool
+
+    @property
+    def members(self) -> list[str]:
+        return [m.pod for m in self.rendezvous.members] if self.rendezvous else []
+
+
 def reconcile(
     job: DDLJob,
     pods: Sequence[WorkerPod],
@@ -140,167 +208,224 @@ def reconcile(
     now: dt.datetime,
     service_account: str | None = None,
 ) -> Plan:
-    """Decides one pass. `nodes` count every placed pod's GPUs (ours included) in `used`."""
-    spec, old = job.spec, job.status
-    stamp = _iso(now)
-    status = old.model_copy(
-        update={
-            "observed_generation": job.metadata.generation,
-            "selector": selector(job.metadata.name),
-        }
-    )
-    plan = Plan(status=status)
-    if old.phase in ("Succeeded", "Failed"):
-        plan.requeue_after = 0
-        return plan
+    """Decides one pass. `nodes` count every placed pod's GPUs (ours included) in `used`.
 
-    by_node = {n.name: n for n in nodes}
-    by_name = {p.name: p for p in pods}
-    members = [m.pod for m in old.rendezvous.members] if old.rendezvous else []
-    lost = {p.name: why for p in pods if (why := _lost(p, by_node))}
-    alive = [p for p in pods if p.name not in lost and p.phase != "Succeeded"]
-
-    def finish(phase: Phase, message: str, event: Event) -> Plan:
-        # Free the GPUs of whatever still runs; keep finished pods for their logs.
-        plan.delete = sorted(
-            p.name for p in pods if p.phase in ("Pending", "Running", "Unknown") and not p.deleting
-        )
-        # The last progress rank 0 reported stays on the job (the summary of the run).
-        plan.status = plan.status.model_copy(
+    Every step reads the observation and writes into one plan, whose status is the draft
+    that is written once; a step that ends the pass says so.
+    """
+    plan = Plan(
+        status=job.status.model_copy(
             update={
-                "phase": phase,
-                "message": message,
-                "ready_replicas": 0,
-                **_rank0_report(old.rendezvous, by_name),
+                "observed_generation": job.metadata.generation,
+                "selector": selector(job.metadata.name),
             }
         )
-        plan.events.append(event)
+    )
+    if job.status.phase in TERMINAL:
         plan.requeue_after = 0
         return plan
+    seen = observe(job, pods, nodes, now, service_account)
+    if _outcome(seen, plan):
+        return plan
+    losses = _losses(seen, plan)
+    if _over_restart_limit(seen, plan, losses):
+        return plan
+    gang = _scale(seen, plan)
+    unschedulable = _place(seen, plan, gang)
+    membership = _rendezvous(seen, plan, gang, losses)
+    if _out_of_patience(seen, plan, membership):
+        return plan
+    _conditions(seen, plan, gang, membership, unschedulable)
+    return plan
 
-    # -- terminal outcomes ------------------------------------------------------------------
-    permanent = [
-        p
-        for p in pods
-        if p.phase == "Failed" and p.exit_code in spec.failure_policy.non_retryable_exit_codes
-    ]
+
+def observe(
+    job: DDLJob,
+    pods: Sequence[WorkerPod],
+    nodes: Sequence[NodeInfo],
+    now: dt.datetime,
+    service_account: str | None = None,
+) -> Observed:
+    """Index the snapshot and say which pods no longer count."""
+    by_node = {n.name: n for n in nodes}
+    rendezvous = job.status.rendezvous
+    return Observed(
+        job=job,
+        pods=pods,
+        nodes=nodes,
+        now=now,
+        service_account=service_account,
+        by_node=by_node,
+        by_name={p.name: p for p in pods},
+        members=[m.pod for m in rendezvous.members] if rendezvous else [],
+        lost={p.name: why for p in pods if (why := _lost(p, by_node))},
+    )
+
+
+def _finish(seen: Observed, plan: Plan, phase: Phase, message: str, event: Event) -> None:
+    """End the job: free the GPUs of whatever still runs, keep finished pods for their logs."""
+    plan.delete = sorted(
+        p.name for p in seen.pods if p.phase in ("Pending", "Running", "Unknown") and not p.deleting
+    )
+    # The last progress rank 0 reported stays on the job (the summary of the run).
+    plan.update_status(
+        phase=phase,
+        message=message,
+        ready_replicas=0,
+        **_rank0_report(seen.old.rendezvous, seen.by_name),
+    )
+    plan.events.append(event)
+    plan.requeue_after = 0
+
+
+def _outcome(seen: Observed, plan: Plan) -> bool:
+    """Terminal outcomes: a non-retryable exit fails the job; a finished member ends training.
+
+    True when the pass ends here.
+    """
+    codes = seen.spec.failure_policy.non_retryable_exit_codes
+    permanent = [p for p in seen.pods if p.phase == "Failed" and p.exit_code in codes]
     if permanent:
         msg = f"worker {permanent[0].name} exited with non-retryable code {permanent[0].exit_code}"
-        return finish("Failed", msg, Event("Warning", "Failed", msg))
-    phase_of = {m: by_name[m].phase if m in by_name else "Gone" for m in members}
+        _finish(seen, plan, "Failed", msg, Event("Warning", "Failed", msg))
+        return True
+    members = seen.members
+    phase_of = {m: seen.by_name[m].phase if m in seen.by_name else "Gone" for m in members}
     finished = [m for m in members if phase_of[m] == "Succeeded"]
-    if finished:
-        # Training is over once any member completed: no re-forming, no replacements; the
-        # job succeeds when no member is left running.
-        busy = [m for m in members if phase_of[m] in ("Pending", "Running")]
-        if not busy:
-            msg = f"{len(finished)} of {len(members)} workers succeeded at epoch {old.epoch}"
-            return finish("Succeeded", msg, Event("Normal", "Succeeded", msg))
-        plan.delete = sorted(p.name for p in pods if p.name not in members and not p.deleting)
-        plan.status = status.model_copy(
-            update={
-                "phase": "Running",
-                "ready_replicas": len(busy),
-                "message": f"finishing: {len(finished)} of {len(members)} workers done",
-            }
-        )
-        plan.requeue_after = 5.0
-        return plan
+    if not finished:
+        return False
+    # Training is over once any member completed: no re-forming, no replacements; the job
+    # succeeds when no member is left running.
+    busy = [m for m in members if phase_of[m] in ("Pending", "Running")]
+    if not busy:
+        msg = f"{len(finished)} of {len(members)} workers succeeded at epoch {seen.old.epoch}"
+        _finish(seen, plan, "Succeeded", msg, Event("Normal", "Succeeded", msg))
+        return True
+    plan.delete = sorted(p.name for p in seen.pods if p.name not in members and not p.deleting)
+    plan.update_status(
+        phase="Running",
+        ready_replicas=len(busy),
+        message=f"finishing: {len(finished)} of {len(members)} workers done",
+    )
+    plan.requeue_after = 5.0
+    return True
 
-    # -- losses -------------------------------------------------------------------------------
-    lost_members = [m for m in members if m not in by_name or m in lost]
+
+def _losses(seen: Observed, plan: Plan) -> Losses:
+    """Lost members and failed training count one restart; lost pods are deleted."""
+    old, by_name = seen.old, seen.by_name
+    lost_members = [m for m in seen.members if m not in by_name or m in seen.lost]
     # A training process failed while its pod lives on: the agent says so at this epoch and
     # waits; the gang restarts at a new epoch (from the last checkpoint).
     failed_training = [
         m
-        for m in members
-        if m not in lost
+        for m in seen.members
+        if m not in seen.lost
         and (r := by_name[m].report) is not None
         and r.get("epoch") == old.epoch
         and r.get("state") == "Failed"
     ]
-    restarts, last_failure = old.restarts, old.last_failure_time
-    if lost_members or failed_training:
+    losses = Losses(members=lost_members, failed_training=failed_training)
+    if losses:
         # Counted once: this pass publishes a new epoch, so the same losses are not seen again.
-        restarts += 1
-        last_failure = stamp
+        plan.update_status(restarts=old.restarts + 1, last_failure_time=seen.stamp)
         reasons = ", ".join(
-            [f"{m} {lost.get(m, 'is gone')}" for m in lost_members]
+            [f"{m} {seen.lost.get(m, 'is gone')}" for m in lost_members]
             + [
                 f"{m} failed: {by_name[m].report.get('message', '')}"  # type: ignore[union-attr]
                 for m in failed_training
             ]
         )
         plan.events.append(Event("Warning", "WorkerLost", f"epoch {old.epoch}: {reasons}"))
-        limit = spec.failure_policy.max_restarts
-        if restarts > limit:
-            msg = f"{restarts} restarts exceed failurePolicy.maxRestarts={limit}"
-            return finish("Failed", msg, Event("Warning", "Failed", msg))
-    plan.delete.extend(sorted(n for n in lost if not by_name[n].deleting))
-    status = status.model_copy(update={"restarts": restarts, "last_failure_time": last_failure})
+    plan.delete.extend(sorted(n for n in seen.lost if not by_name[n].deleting))
+    return losses
 
-    # -- scale: keep `target` workers alive --------------------------------------------------
-    target = spec.replicas
+
+def _over_restart_limit(seen: Observed, plan: Plan, losses: Losses) -> bool:
+    """Fail the job when this pass's restart exceeds failurePolicy.maxRestarts."""
+    limit = seen.spec.failure_policy.max_restarts
+    restarts = plan.status.restarts
+    if not losses or restarts <= limit:
+        return False
+    msg = f"{restarts} restarts exceed failurePolicy.maxRestarts={limit}"
+    _finish(seen, plan, "Failed", msg, Event("Warning", "Failed", msg))
+    return True
+
+
+def _scale(seen: Observed, plan: Plan) -> Gang:
+    """Keep spec.replicas workers alive: drop the surplus, create what is missing."""
+    target = seen.spec.replicas
+    alive = [p for p in seen.pods if p.name not in seen.lost and p.phase != "Succeeded"]
     removed: list[str] = []
     if len(alive) > target:
-        surplus = _surplus(alive, members, len(alive) - target)
+        surplus = _surplus(alive, seen.members, len(alive) - target)
         plan.delete.extend(p.name for p in surplus)
-        removed = [p.name for p in surplus if p.name in members]
+        removed = [p.name for p in surplus if p.name in seen.members]
         alive = [p for p in alive if p not in surplus]
-    placed = [p for p in alive if p.placed_on]
-    unplaced = [p for p in alive if not p.placed_on]
-
-    backoff_left = 0.0
-    if last_failure and (since := _parse(last_failure)):
-        backoff_left = spec.failure_policy.backoff_seconds - (now - since).total_seconds()
     if len(alive) < target:
-        if backoff_left > 0:
-            plan.requeue_after = min(plan.requeue_after, backoff_left)
-        else:
-            taken = {p.slot for p in pods}
-            free_slots = (s for s in range(len(pods) + target + 1) if s not in taken)
-            for _ in range(target - len(alive)):
-                plan.create.append(worker_pod(job, next(free_slots), service_account))
+        _create(seen, plan, target - len(alive))
+    return Gang(
+        placed=[p for p in alive if p.placed_on],
+        unplaced=[p for p in alive if not p.placed_on],
+        removed=removed,
+    )
 
-    # -- placement of gated workers: the whole rest of the gang, or as many as fit ----------
-    unschedulable: Unplaceable | None = None
-    if unplaced:
-        keep = {p.name: p.node or p.assigned or "" for p in placed}
-        low = min(target, max(spec.min_replicas, len(keep) + 1))
-        high = min(target, len(keep) + len(unplaced))
-        result = place(nodes, _request(job, low, high, keep))
-        if isinstance(result, Unplaceable):
-            unschedulable = result
-        else:
-            new = [w for w in result.workers if w.pod is None]
-            for pod, worker in zip(sorted(unplaced, key=lambda p: p.slot), new, strict=False):
-                plan.place.append((pod.name, placement_patch(worker.node, pod.gates)))
-            plan.events.append(
-                Event(
-                    "Normal",
-                    "Placed",
-                    f"placed {len(new)} worker(s) on {', '.join(sorted({w.node for w in new}))}",
-                )
-            )
 
-    # -- rendezvous: publish a new epoch when the membership must or can change ---------------
-    running = [p for p in placed if p.phase == "Running" and p.ip]
-    waiting = [p for p in placed if p not in running] + [
-        p for p in unplaced if p.name in dict(plan.place)
+def _create(seen: Observed, plan: Plan, count: int) -> None:
+    """New gated workers in the lowest free slots, once the failure backoff has passed."""
+    backoff_left = 0.0
+    last_failure = plan.status.last_failure_time
+    if last_failure and (since := _parse(last_failure)):
+        backoff = seen.spec.failure_policy.backoff_seconds
+        backoff_left = backoff - (seen.now - since).total_seconds()
+    if backoff_left > 0:
+        plan.requeue_after = min(plan.requeue_after, backoff_left)
+        return
+    taken = {p.slot for p in seen.pods}
+    free_slots = (s for s in range(len(seen.pods) + count + 1) if s not in taken)
+    for _ in range(count):
+        plan.create.append(worker_pod(seen.job, next(free_slots), seen.service_account))
+
+
+def _place(seen: Observed, plan: Plan, gang: Gang) -> Unplaceable | None:
+    """Place gated workers: the whole rest of the gang, or as many as fit; else say why."""
+    if not gang.unplaced:
+        return None
+    spec = seen.spec
+    target = spec.replicas
+    keep = {p.name: p.node or p.assigned or "" for p in gang.placed}
+    low = min(target, max(spec.min_replicas, len(keep) + 1))
+    high = min(target, len(keep) + len(gang.unplaced))
+    result = place(seen.nodes, _request(seen.job, low, high, keep))
+    if isinstance(result, Unplaceable):
+        return result
+    new = [w for w in result.workers if w.pod is None]
+    for pod, worker in zip(sorted(gang.unplaced, key=lambda p: p.slot), new, strict=False):
+        plan.place.append((pod.name, placement_patch(worker.node, pod.gates)))
+    nodes = ", ".join(sorted({w.node for w in new}))
+    plan.events.append(Event("Normal", "Placed", f"placed {len(new)} worker(s) on {nodes}"))
+    return None
+
+
+def _rendezvous(seen: Observed, plan: Plan, gang: Gang, losses: Losses) -> Membership:
+    """Publish a new epoch when the membership must (losses, scale-down) or can (growth) change."""
+    spec, old = seen.spec, seen.old
+    running = [p for p in gang.placed if p.phase == "Running" and p.ip]
+    placing = dict(plan.place)
+    waiting = [p for p in gang.placed if p not in running] + [
+        p for p in gang.unplaced if p.name in placing
     ]
+    running_names = frozenset(p.name for p in running)
+    must_change = bool(losses or gang.removed)
+    can_grow = running_names != set(seen.members) and not waiting
     rendezvous, epoch = old.rendezvous, old.epoch
-    running_names = {p.name for p in running}
-    must_change = bool(lost_members or removed or failed_training)
-    can_grow = running_names != set(members) and not waiting
     if (must_change or can_grow) and len(running) >= spec.min_replicas:
         epoch += 1
-        rendezvous = _publish(job, epoch, nodes, running)
+        rendezvous = _publish(seen.job, epoch, seen.nodes, running)
+        grid = "x".join(map(str, rendezvous.grid))
         plan.events.append(
             Event(
-                "Normal",
-                "Rendezvous",
-                f"epoch {epoch}: {rendezvous.workers} workers, grid "
-                f"{'x'.join(map(str, rendezvous.grid))}",
+                "Normal", "Rendezvous", f"epoch {epoch}: {rendezvous.workers} workers, grid {grid}"
             )
         )
     elif must_change:
@@ -315,90 +440,97 @@ def reconcile(
                 f"{spec.min_replicas}; waiting for capacity",
             )
         )
+    plan.update_status(epoch=epoch, rendezvous=rendezvous)
+    return Membership(rendezvous=rendezvous, running=running_names, waiting=bool(waiting))
 
-    members_now = [m.pod for m in rendezvous.members] if rendezvous else []
-    ready = sum(1 for m in members_now if m in running_names)
-    phase: Phase
-    if members_now:
-        settled = set(members_now) == running_names and not waiting and not plan.create
-        phase = "Running" if settled else "Rescaling"
-    else:
-        phase = "Placing" if placed or plan.place else "Pending"
 
-    waiting_since = status.waiting_since
-    if len(members_now) < spec.min_replicas:
-        waiting_since = waiting_since or stamp
-        limit = spec.elastic.wait_for_capacity_seconds if spec.elastic else 0
-        started = _parse(waiting_since)
-        if limit and started and (now - started).total_seconds() > limit:
-            msg = f"fewer than {spec.min_replicas} workers for over {limit}s"
-            return finish("Failed", msg, Event("Warning", "Failed", msg))
-    else:
-        waiting_since = None
+def _out_of_patience(seen: Observed, plan: Plan, membership: Membership) -> bool:
+    """Fail a job that stayed below minReplicas longer than elastic.waitForCapacitySeconds."""
+    spec = seen.spec
+    if len(membership.members) >= spec.min_replicas:
+        plan.update_status(waiting_since=None)
+        return False
+    waiting_since = plan.status.waiting_since or seen.stamp
+    plan.update_status(waiting_since=waiting_since)
+    limit = spec.elastic.wait_for_capacity_seconds if spec.elastic else 0
+    started = _parse(waiting_since)
+    if not (limit and started and (seen.now - started).total_seconds() > limit):
+        return False
+    msg = f"fewer than {spec.min_replicas} workers for over {limit}s"
+    _finish(seen, plan, "Failed", msg, Event("Warning", "Failed", msg))
+    return True
 
-    conds = old.conditions
-    placed_count = len(placed) + len(plan.place)
+
+def _phase(plan: Plan, gang: Gang, membership: Membership) -> Phase:
+    if membership.members:
+        settled = (
+            set(membership.members) == membership.running
+            and not membership.waiting
+            and not plan.create
+        )
+        return "Running" if settled else "Rescaling"
+    return "Placing" if gang.placed or plan.place else "Pending"
+
+
+def _conditions(
+    seen: Observed,
+    plan: Plan,
+    gang: Gang,
+    membership: Membership,
+    unschedulable: Unplaceable | None,
+) -> None:
+    """Phase, conditions and the rank-0 summary; events for conditions that just turned."""
+    old, stamp, target = seen.old, seen.stamp, seen.spec.replicas
+    phase = _phase(plan, gang, membership)
+    members = membership.members
+    ready = sum(1 for m in members if m in membership.running)
+    placed_count = len(gang.placed) + len(plan.place)
     placed_all = placed_count >= target
-    new_conditions = [
-        _condition(
-            conds,
+    straggler = find_straggler(membership.rendezvous, seen.by_name)
+    states: list[tuple[str, bool, str, str]] = [
+        (
             "Placed",
             placed_all,
             "GangPlaced" if placed_all else "Placing",
             f"{placed_count}/{target} workers placed",
-            stamp,
         ),
-        _condition(
-            conds,
+        (
             "Unschedulable",
             unschedulable is not None,
             unschedulable.short if unschedulable else "Placed",
             unschedulable.reason if unschedulable else "",
-            stamp,
         ),
-        _condition(
-            conds,
+        (
             "Ready",
             phase == "Running",
             "Training" if phase == "Running" else phase,
-            f"{ready}/{len(members_now)} members running at epoch {epoch}",
-            stamp,
+            f"{ready}/{len(members)} members running at epoch {plan.status.epoch}",
         ),
-    ]
-    straggler = find_straggler(rendezvous, by_name)
-    new_conditions.append(
-        _condition(
-            conds,
+        (
             "Straggler",
             straggler is not None,
             "SlowWorker" if straggler else "Balanced",
             straggler or "",
-            stamp,
-        )
-    )
-    previous_straggler = next((x for x in conds if x.type == "Straggler"), None)
-    if straggler and (previous_straggler is None or previous_straggler.status != "True"):
+        ),
+    ]
+    conditions = [_condition(old.conditions, *state, stamp) for state in states]
+    was = {x.type: x for x in old.conditions}
+    if straggler and (was.get("Straggler") is None or was["Straggler"].status != "True"):
         plan.events.append(Event("Warning", "Straggler", straggler))
-    previous = next((x for x in conds if x.type == "Unschedulable"), None)
-    if unschedulable and (previous is None or previous.message != unschedulable.reason):
+    if unschedulable and (
+        was.get("Unschedulable") is None or was["Unschedulable"].message != unschedulable.reason
+    ):
         plan.events.append(Event("Warning", "Unschedulable", unschedulable.reason))
-
-    plan.status = status.model_copy(
-        update={
-            "phase": phase,
-            "epoch": epoch,
-            "rendezvous": rendezvous,
-            "replicas": len(members_now),
-            "ready_replicas": ready,
-            "conditions": new_conditions,
-            "waiting_since": waiting_since,
-            "message": unschedulable.reason if unschedulable else "",
-            **_rank0_report(rendezvous, by_name),
-        }
+    plan.update_status(
+        phase=phase,
+        replicas=len(members),
+        ready_replicas=ready,
+        conditions=conditions,
+        message=unschedulable.reason if unschedulable else "",
+        **_rank0_report(membership.rendezvous, seen.by_name),
     )
-    if unschedulable or waiting or plan.create or plan.place or plan.delete:
+    if unschedulable or membership.waiting or plan.create or plan.place or plan.delete:
         plan.requeue_after = min(plan.requeue_after, 5.0)
-    return plan
 
 
 def _publish(
