@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, TypeVar, get_args
@@ -29,11 +30,40 @@ DEFAULT_METRICS_PORT: Final = 9400
 DEFAULT_RENDEZVOUS_TIMEOUT: Final = 300.0
 DEFAULT_STOP_TIMEOUT: Final = 20.0
 
+# Job identities go into checkpoint file names, so they are held to Kubernetes' rules: a
+# namespace is a DNS label (no dots, which keeps "<namespace>.<name>" unambiguous) and a DDLJob
+# name a DNS subdomain, short enough that a checkpoint's temp file name stays within 255 bytes.
+_NAMESPACE: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_JOB_NAME: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,148}[a-z0-9])?$")
+
 
 class ConfigError(Exception):
     """The environment is wrong in a way no retry fixes; the message names the variable."""
 
     exit_code: int = EXIT_CODE_PERMANENT
+
+
+@dataclass(frozen=True, order=True)
+class JobIdentity:
+    """Which DDLJob a process works for: its namespace and name (what checkpoints record)."""
+
+    namespace: str
+    name: str
+
+    def __post_init__(self) -> None:
+        if not _NAMESPACE.match(self.namespace):
+            raise ValueError(
+                f"namespace {self.namespace!r} is not a DNS label (lowercase letters, digits, "
+                "'-'; at most 63)"
+            )
+        if not _JOB_NAME.match(self.name):
+            raise ValueError(
+                f"job name {self.name!r} is not a DNS subdomain of at most 150 characters "
+                "(lowercase letters, digits, '-', '.')"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -109,6 +139,11 @@ class TrainEnv:
     progress_file: str | None
     total_steps: int | None
 
+    @property
+    def job(self) -> JobIdentity:
+        """The DDLJob this process trains for (POD_NAMESPACE, DDL_JOB_NAME)."""
+        return JobIdentity(self.namespace, self.job_name)
+
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> TrainEnv:
         env = _Reader(os.environ if environ is None else environ)
@@ -130,6 +165,14 @@ class TrainEnv:
                 f"DDL_GRID={grid_text!r} has {math.prod(grid)} processes but "
                 f"WORLD_SIZE={world_size}"
             )
+        job_name = env.text("DDL_JOB_NAME", "local")
+        namespace = env.text("POD_NAMESPACE", "default")
+        try:
+            JobIdentity(namespace, job_name)
+        except ValueError as error:
+            raise ConfigError(
+                f"POD_NAMESPACE={namespace!r} / DDL_JOB_NAME={job_name!r}: {error}"
+            ) from None
         return cls(
             rank=rank,
             local_rank=local_rank,
@@ -142,8 +185,8 @@ class TrainEnv:
             grid=grid,
             epoch=env.integer("DDL_EPOCH", 0, 0, None),
             comm=_comm_settings(env, checkpoint_required=False),
-            job_name=env.text("DDL_JOB_NAME", "local"),
-            namespace=env.text("POD_NAMESPACE", "default"),
+            job_name=job_name,
+            namespace=namespace,
             node_name=env.text("DDL_NODE_NAME", ""),
             rendezvous_timeout=env.seconds("DDL_RENDEZVOUS_TIMEOUT", DEFAULT_RENDEZVOUS_TIMEOUT),
             progress_file=env.text("DDL_PROGRESS_FILE", "") or None,

@@ -233,6 +233,7 @@ def init() -> Runtime:
     if env.comm.checkpoint_dir:
         checkpointer = Checkpointer(
             env.comm.checkpoint_dir,
+            job=env.job,
             every=env.comm.checkpoint_every,
             keep=env.comm.checkpoint_keep,
             group=control.group,
