@@ -97,8 +97,10 @@ cluster-down: install
 	$(BIN)/ddl-cluster down
 
 # The main job on the local cluster; `make demo-down` stops everything it started.
+# `make demo DEMO=quick` trains the job to the end without scaling or deleting anything.
+DEMO ?= story
 demo: system-deps install k8s
-	$(BIN)/ddl-cluster demo
+	$(BIN)/ddl-cluster demo $(if $(filter quick,$(DEMO)),--quick)
 
 demo-down: cluster-down
 

@@ -101,6 +101,13 @@ def parse_args() -> argparse.Namespace:
         "--hidden", type=int, default=0, help="width of a hidden head layer (0: none)"
     )
     parser.add_argument(
+        "--max-steps-per-second",
+        type=float,
+        default=0.0,
+        help="pace training to at most this rate (0: as fast as it goes); the demo uses it so "
+        "its story fits in about a minute on fast machines too",
+    )
+    parser.add_argument(
         "--hold-at-step",
         type=int,
         default=-1,
@@ -167,6 +174,9 @@ def main() -> None:
         (loss * batch.weight).backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         loop.record(len(batch.indices), loss.item())
+        if args.max_steps_per_second > 0:
+            due = began + (step + 1 - start) / args.max_steps_per_second
+            time.sleep(max(0.0, due - time.perf_counter()))
     if rt.rank == 0:
         print(
             f"finished at step {loop.total} (from {start}) in {time.perf_counter() - began:.1f}s, "

@@ -27,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything `up` started")
     sub.add_parser("status", help="show which components run")
     sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
-    sub.add_parser("demo", help="control plane + kwok GPU nodes + operator + example job")
+    demo_parser = sub.add_parser(
+        "demo", help="local cluster + operator chart + the example job's elastic story"
+    )
+    demo_parser.add_argument(
+        "--quick", action="store_true", help="train the job to the end and do nothing to it"
+    )
     args = parser.parse_args(argv)
     cp = ControlPlane(args.dir or default_dir())
     try:
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from ddl_localcluster import demo
 
-            return demo.run(cp)
+            return demo.run(cp, quick=args.quick)
         elif args.command == "down":
             cp.stop()
             left = cp.running()

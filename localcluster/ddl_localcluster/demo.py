@@ -9,12 +9,14 @@ succeeds. Everything keeps running afterwards for a look around; `ddl-cluster do
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -221,14 +223,19 @@ def print_prometheus_summary(url: str, job: str) -> None:
         say(f"  Prometheus: {label} = {value:,.1f}")
 
 
-def follow(cp: ControlPlane, name: str, timeout: float) -> dict[str, Any]:
-    """Prints a line whenever the job's phase, epoch or progress changes; returns its status."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    status: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        job = json.loads(kubectl(cp, "get", "ddlj", name, "-o", "json"))
-        status = job.get("status", {})
+class JobWatch:
+    """Polls the job, prints a line whenever its phase, epoch or progress changes."""
+
+    def __init__(self, cp: ControlPlane, name: str) -> None:
+        self.cp = cp
+        self.name = name
+        self.status: dict[str, Any] = {}
+        self._last_line = ""
+        self._targets_at = 0.0
+
+    def poll(self) -> dict[str, Any]:
+        job = json.loads(kubectl(self.cp, "get", "ddlj", self.name, "-o", "json"))
+        status: dict[str, Any] = job.get("status", {})
         line = (
             f"{status.get('phase', 'Pending'):9} epoch={status.get('epoch', 0)} "
             f"ready={status.get('readyReplicas', 0)}/{job['spec']['replicas']} "
@@ -238,37 +245,201 @@ def follow(cp: ControlPlane, name: str, timeout: float) -> dict[str, Any]:
         )
         if status.get("message"):
             line += f"  ({status['message']})"
-        if line != last:
+        if line != self._last_line:
             say(line)
-            last = line
-        update_targets(cp)
-        if status.get("phase") in ("Succeeded", "Failed"):
-            return status
+            self._last_line = line
+        if time.monotonic() - self._targets_at > 2:
+            update_targets(self.cp)
+            self._targets_at = time.monotonic()
+        self.status = status
+        return status
+
+    def until(self, what: str, check: Any, timeout: float, *, finished_ok: bool = False) -> float:
+        """Seconds until check(status); fails if the job ends first (unless finished_ok)."""
+        began = time.monotonic()
+        while time.monotonic() - began < timeout:
+            status = self.poll()
+            if check(status):
+                return time.monotonic() - began
+            if status.get("phase") in TERMINAL and not finished_ok:
+                raise RuntimeError(f"job {self.name} ended before {what}: {status}")
+            time.sleep(0.5)
+        raise RuntimeError(f"{what}: not reached within {timeout:.0f}s; status: {self.status}")
+
+    def train_for(self, seconds: float) -> None:
+        """Let the job train for a while (the trainer is paced: a fixed number of steps)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.poll().get("phase") in TERMINAL:
+                raise RuntimeError(f"job {self.name} ended early: {self.status}")
+            time.sleep(0.5)
+
+
+TERMINAL = ("Succeeded", "Failed")
+RACK = "topology.kubernetes.io/rack"
+
+
+def membership(status: Mapping[str, Any]) -> dict[str, Any]:
+    rdzv: dict[str, Any] = status.get("rendezvous") or {}
+    return rdzv
+
+
+def running_with(workers: int, after_epoch: int = 0) -> Any:
+    """A check: the job runs a membership of this many workers, newer than after_epoch."""
+
+    def check(status: Mapping[str, Any]) -> bool:
+        rdzv = membership(status)
+        return bool(
+            status.get("phase") == "Running"
+            and rdzv.get("workers") == workers
+            and rdzv.get("epoch", 0) > after_epoch
+        )
+
+    return check
+
+
+def contiguous_domains(members: list[Mapping[str, Any]], key: str) -> dict[str, list[int]]:
+    """Ranks per domain of one level (the node: key ""), in rank order."""
+    by_domain: dict[str, list[int]] = {}
+    for m in sorted(members, key=lambda m: int(m["rank"])):
+        domain = m["node"] if not key else m.get("domains", {}).get(key, "?")
+        by_domain.setdefault(domain, []).append(int(m["rank"]))
+    return by_domain
+
+
+def is_contiguous(by_domain: Mapping[str, list[int]]) -> bool:
+    return all(
+        ranks == list(range(ranks[0], ranks[0] + len(ranks))) for ranks in by_domain.values()
+    )
+
+
+def show_membership(rdzv: Mapping[str, Any]) -> bool:
+    """Prints the rank map and grid; True when ranks of every node and rack are contiguous."""
+    members = list(rdzv.get("members", []))
+    say(
+        f"  epoch {rdzv['epoch']}: {rdzv['workers']} workers, grid "
+        f"{'x'.join(map(str, rdzv['grid']))} (processes per node, nodes per rack, racks)"
+    )
+    for m in sorted(members, key=lambda m: int(m["rank"])):
+        say(f"    rank {m['rank']}: {m['pod']} on {m['node']} ({m['domains'].get(RACK, '?')})")
+    nodes, racks = contiguous_domains(members, ""), contiguous_domains(members, RACK)
+    ranges = ", ".join(
+        f"{rack} = ranks {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"{rack} = rank {ranks[0]}"
+        for rack, ranks in racks.items()
+    )
+    packed = is_contiguous(nodes) and is_contiguous(racks)
+    say(f"  {ranges}; ranks of each node and rack contiguous: {'yes' if packed else 'NO'}")
+    return packed
+
+
+REDONE = re.compile(
+    r"epoch (\d+) resumed from (?:checkpoint step (\d+)|step 0); "
+    r"epoch \d+ had reached step (\d+): (\d+) steps redone"
+)
+
+
+def resume_report(cp: ControlPlane, pod: str, epoch: int, timeout: float = 60) -> tuple[int, int]:
+    """(resumed step, steps redone) of epoch, from the agent's log line on pod (kubectl logs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            log = kubectl(cp, "logs", pod)
+        except RuntimeError:
+            log = ""
+        for found in REDONE.finditer(log):
+            if int(found.group(1)) == epoch:
+                return int(found.group(2) or 0), int(found.group(4))
         time.sleep(1)
-    raise RuntimeError(f"job {name} did not finish within {timeout:.0f}s; status: {status}")
+    raise RuntimeError(f"pod {pod} logged no resume line for epoch {epoch} in {timeout:.0f}s")
 
 
-def run(cp: ControlPlane, timeout: float = 900) -> int:
+def tell_the_story(cp: ControlPlane, watch: JobWatch, name: str, every: int) -> bool:
+    """Placement in one rack, growth across racks, a lost worker, regrowth; True if all held."""
+    packed = []
+    took = watch.until("the gang of 2 placed and running", running_with(2), 300)
+    rdzv = membership(watch.status)
+    racks = {m["domains"].get(RACK) for m in rdzv["members"]}
+    say(
+        f"placed and running in {took:.1f}s: 2 workers packed in {len(racks)} rack "
+        f"({', '.join(sorted(racks))})"
+    )
+    packed.append(show_membership(rdzv))
+    watch.train_for(6)
+
+    say(f"kubectl scale ddlj/{name} --replicas=4")
+    kubectl(cp, "scale", f"ddlj/{name}", "--replicas=4")
+    before = rdzv["epoch"]
+    took = watch.until("growth to 4 workers", running_with(4, before), 300)
+    rdzv = membership(watch.status)
+    racks = {m["domains"].get(RACK) for m in rdzv["members"]}
+    say(
+        f"grew to 4 workers across {len(racks)} racks at epoch {rdzv['epoch']}: "
+        f"re-formed in {took:.1f}s"
+    )
+    packed.append(show_membership(rdzv))
+    watch.train_for(6)
+
+    victim = max(rdzv["members"], key=lambda m: int(m["rank"]))
+    grown = rdzv["epoch"]
+    say(f"kubectl delete pod {victim['pod']} (rank {victim['rank']}, on {victim['node']})")
+    kubectl(cp, "delete", "pod", victim["pod"], "--wait=false")
+    took = watch.until(
+        "a re-form without the deleted worker",
+        lambda s: s.get("phase") == "Running" and membership(s).get("epoch", 0) > grown,
+        300,
+    )
+    rdzv = membership(watch.status)
+    leader = min(rdzv["members"], key=lambda m: int(m["rank"]))["pod"]
+    resumed, redone = resume_report(cp, leader, rdzv["epoch"])
+    verb = "shrank to" if rdzv["workers"] < 4 else "re-formed with"
+    say(
+        f"{verb} {rdzv['workers']} workers at epoch {rdzv['epoch']} in {took:.1f}s: resumed from "
+        f"checkpoint step {resumed}, {redone} steps lost (checkpoint every {every} steps)"
+    )
+    packed.append(show_membership(rdzv))
+    lost_ok = redone <= every
+    if rdzv["workers"] < 4:
+        shrunk = rdzv["epoch"]
+        took = watch.until("regrowth to 4 workers", running_with(4, shrunk), 300)
+        rdzv = membership(watch.status)
+        resumed, redone = resume_report(cp, leader, rdzv["epoch"])
+        say(
+            f"regrew to 4 workers at epoch {rdzv['epoch']} in {took:.1f}s (the replacement pod "
+            f"placed on the freed node): resumed from step {resumed}, {redone} steps redone"
+        )
+        packed.append(show_membership(rdzv))
+        lost_ok = lost_ok and redone <= every
+    watch.until("the end of training", lambda s: s.get("phase") in TERMINAL, 600, finished_ok=True)
+    return all(packed) and lost_ok
+
+
+def run(cp: ControlPlane, *, quick: bool = False, timeout: float = 900) -> int:
     started = time.monotonic()
     start_cluster(cp)
     prometheus_url = start_prometheus(cp)
     say(f"Prometheus scrapes the workers and the operator: {prometheus_url}")
     shutil.rmtree(CHECKPOINTS, ignore_errors=True)
-    name = "demo"
+    manifest = yaml.safe_load(JOB.read_text())
+    name = manifest["metadata"]["name"]
+    every = int(manifest["spec"]["checkpoint"]["everySteps"])
+    if quick:  # the plain run: the same job, fewer steps, nothing done to it
+        container = manifest["spec"]["template"]["spec"]["containers"][0]
+        container.setdefault("env", []).append({"name": "DDL_TOTAL_STEPS", "value": "150"})
     kubectl(cp, "delete", "ddlj", name, "--ignore-not-found", "--wait=true")
-    say(f"kubectl apply -f {JOB.relative_to(REPO_ROOT)}")
-    kubectl(cp, "apply", "-f", str(JOB))
-    seen_rendezvous = False
-    status = follow(cp, name, timeout)
-    rdzv = status.get("rendezvous") or {}
+    say(f"kubectl apply -f {JOB.relative_to(REPO_ROOT)}" + (" (150 steps)" if quick else ""))
+    kubectl(cp, "apply", "-f", "-", input=json.dumps(manifest))
+    watch = JobWatch(cp, name)
+    story_ok = True
+    if quick:
+        watch.until(
+            "the end of training", lambda s: s.get("phase") in TERMINAL, timeout, finished_ok=True
+        )
+    else:
+        story_ok = tell_the_story(cp, watch, name, every)
+    status = watch.status
+    rdzv = membership(status)
     if rdzv.get("members"):
-        seen_rendezvous = True
         say(f"last membership: epoch {rdzv['epoch']}, grid {'x'.join(map(str, rdzv['grid']))}")
-        for m in rdzv["members"]:
-            say(
-                f"  worker rank {m['rank']}: {m['pod']} on {m['node']} "
-                f"({m['domains'].get('topology.kubernetes.io/rack', '?')})"
-            )
     print(kubectl(cp, "get", "ddlj", name), end="")
     uid = kubectl(cp, "get", "ddlj", name, "-o", "jsonpath={.metadata.uid}").strip()
     # By uid: events of an earlier run's job of the same name live on for an hour.
@@ -287,6 +458,7 @@ def run(cp: ControlPlane, timeout: float = 900) -> int:
         say(f"  event {line}")
     say(
         f"{status.get('phase')} in {time.monotonic() - started:.0f}s: step {status.get('step')}, "
+        f"epoch {status.get('epoch')}, restarts {status.get('restarts', 0)}, "
         f"throughput {status.get('throughput', 0):.1f} samples/s, "
         f"sync-wait {status.get('syncWaitRatio', 0):.0%} of step time (rank 0's last report)"
     )
@@ -296,4 +468,6 @@ def run(cp: ControlPlane, timeout: float = 900) -> int:
         f"kubectl logs {name}-worker-0 (files under {cp.dir / 'nodeagent' / 'pods'}); "
         f"checkpoints in {CHECKPOINTS}; `make demo-down` stops everything"
     )
-    return 0 if status.get("phase") == "Succeeded" and seen_rendezvous else 1
+    if not story_ok:
+        say("the story did not hold: see the lines marked NO or the steps lost above")
+    return 0 if status.get("phase") == "Succeeded" and rdzv.get("members") and story_ok else 1

@@ -248,6 +248,7 @@ class Agent:
         self.terminate: str | None = None
         self._last_report: tuple[object, ...] | None = None
         self._last_report_time = 0.0
+        self._progress: Progress | None = None
         self.gpus = GpuReader()
         self.metrics: MetricsServer | None = None
 
@@ -298,6 +299,7 @@ class Agent:
                 return self._finish("Failed", EXIT_CODE_PERMANENT)
             if outcome in ("failed", "stopped"):
                 self._gang_ended(outcome, message)
+        self._follow_progress()
         if self.gang is None and now - self.waiting_since > self.config.rendezvous_timeout:
             why = self.source.problem() or f"the latest epoch is {self.epoch}"
             self.message = (
@@ -402,6 +404,29 @@ class Agent:
         (log.info if code == 0 else log.error)("%s: %s (exit %d)", state, self.message, code)
         self._report(force=True)
         return code
+
+    def _follow_progress(self) -> None:
+        """Log where each epoch resumed and how many steps the re-form cost.
+
+        The trainer's progress says the steps done and the checkpoint it resumed from; the
+        steps an epoch did past the checkpoint the next one resumed from were trained twice.
+        """
+        progress = Progress.read(self.progress_file)
+        last = self._progress
+        if progress is None or (last is not None and progress == last):
+            return
+        if last is not None and progress.epoch != last.epoch:
+            resumed = progress.resumed_from or 0
+            where = f"checkpoint step {resumed}" if progress.resumed_from else "step 0"
+            log.info(
+                "epoch %d resumed from %s; epoch %d had reached step %d: %d steps redone",
+                progress.epoch,
+                where,
+                last.epoch,
+                last.step,
+                max(0, last.step - resumed),
+            )
+        self._progress = progress
 
     def _report(self, *, force: bool = False) -> None:
         """Publish on every change, and progress every REPORT_INTERVAL while training: rank 0's
