@@ -71,7 +71,7 @@ def worker_pod(job: DDLJob, slot: int, service_account: str | None = None) -> di
     meta = template.get("metadata") or {}
     spec: dict[str, Any] = template.get("spec") or {}
     labels = {
-        **(meta.get("labels") or {}),
+        **_users(meta.get("labels")),
         c.LABEL_JOB: name,
         c.LABEL_ROLE: "worker",
         LABEL_SLOT: str(slot),
@@ -108,11 +108,28 @@ def worker_pod(job: DDLJob, slot: int, service_account: str | None = None) -> di
             "name": pod_name(name, slot),
             "namespace": job.metadata.namespace,
             "labels": labels,
-            "annotations": dict(meta.get("annotations") or {}),
+            "annotations": _users(meta.get("annotations")),
             "ownerReferences": [owner_reference(job)],
         },
         "spec": spec,
     }
+
+
+def operator_key(key: str) -> bool:
+    """Whether a label or annotation key is under the operator's prefix (its own to set)."""
+    prefix, slash, _ = key.partition("/")
+    return bool(slash) and (prefix == c.GROUP or prefix.endswith("." + c.GROUP))
+
+
+def _users(values: object) -> dict[str, Any]:
+    """The template's labels or annotations minus keys under the operator's prefix.
+
+    Only the operator sets those on its children: a copied node or report annotation would
+    make a new worker look placed, or reporting a failure, before it ever ran.
+    """
+    if not isinstance(values, Mapping):
+        return {}
+    return {k: v for k, v in values.items() if not (isinstance(k, str) and operator_key(k))}
 
 
 SHM_VOLUME: Final = "ddl-shm"
