@@ -7,7 +7,6 @@ is plain data for the pure core.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from kubernetes.client.rest import ApiException
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
+from ddl_operator.core.capacity import Container, OwnerRef, PodClaim, gpu_quantity, gpus_in_use
 from ddl_operator.core.reconcile import Event, Plan, WorkerPod
 from ddl_operator.core.render import ANNOTATION_NODE, LABEL_SLOT, headless_service
 from ddl_operator.core.topology import NodeInfo
@@ -71,13 +71,12 @@ class Kube:
     def node_infos(self, job: DDLJob) -> list[NodeInfo]:
         """Every node with its free GPUs, counting bound pods and pods we placed but the
         scheduler has not bound yet (so two jobs never take the same GPUs)."""
-        used: dict[str, int] = {}
-        for pod in self.core.list_pod_for_all_namespaces(
-            field_selector="status.phase!=Succeeded,status.phase!=Failed"
-        ).items:
-            node = pod.spec.node_name or (pod.metadata.annotations or {}).get(ANNOTATION_NODE)
-            if node:
-                used[node] = used.get(node, 0) + pod_gpus(pod)
+        used = gpus_in_use(
+            pod_claim(pod)
+            for pod in self.core.list_pod_for_all_namespaces(
+                field_selector="status.phase!=Succeeded,status.phase!=Failed"
+            ).items
+        )
         pod_spec = job.spec.template.get("spec") or {}
         tolerations = pod_spec.get("tolerations") or []
         wanted = pod_spec.get("nodeSelector") or {}
@@ -85,7 +84,7 @@ class Kube:
             NodeInfo(
                 name=n.metadata.name,
                 labels=dict(n.metadata.labels or {}),
-                allocatable=_quantity((n.status.allocatable or {}).get(c.GPU_RESOURCE, "0")),
+                allocatable=gpu_quantity((n.status.allocatable or {}).get(c.GPU_RESOURCE, "0")),
                 used=used.get(n.metadata.name, 0),
                 ready=_ready(n),
                 # The template's nodeSelector and tolerations narrow where workers may go.
@@ -238,43 +237,55 @@ def worker_pod_view(pod: Any) -> WorkerPod:
         if cs.state and cs.state.terminated:
             exit_code = cs.state.terminated.exit_code
             break
-    report = None
-    raw = (meta.annotations or {}).get(c.ANNOTATION_REPORT)
-    if raw:
-        try:
-            parsed = json.loads(raw)
-            report = parsed if isinstance(parsed, dict) else None
-        except ValueError:
-            log.warning("pod %s has a malformed %s annotation", meta.name, c.ANNOTATION_REPORT)
+    annotations = meta.annotations or {}
     return WorkerPod(
         name=meta.name,
-        slot=int((meta.labels or {}).get(LABEL_SLOT, "0")),
+        slot=_slot(meta.name, (meta.labels or {}).get(LABEL_SLOT)),
         phase=(st.phase if st and st.phase else "Pending"),
         node=spec.node_name,
-        assigned=(meta.annotations or {}).get(ANNOTATION_NODE),
+        assigned=annotations.get(ANNOTATION_NODE),
         gates=tuple({"name": g.name} for g in (spec.scheduling_gates or [])),
         deleting=meta.deletion_timestamp is not None,
         ip=st.pod_ip if st else None,
         exit_code=exit_code,
-        report=report,
+        # Untrusted: the core parses it (core/reports.py) and ignores what it must.
+        report=annotations.get(c.ANNOTATION_REPORT),
     )
 
 
-def pod_gpus(pod: Any) -> int:
-    total = 0
-    for container in pod.spec.containers or []:
-        res = container.resources
-        requests = (res.requests or {}) if res else {}
-        limits = (res.limits or {}) if res else {}
-        total += _quantity(requests.get(c.GPU_RESOURCE) or limits.get(c.GPU_RESOURCE) or "0")
-    return total
+def _slot(name: str, label: str | None) -> int:
+    """A worker's slot: its label, else the number its name ends with (labels are writable,
+    names are not); -1 when neither reads as one."""
+    for text in (label or "", name.rpartition("-")[2]):
+        if text.isdecimal() and text.isascii() and len(text) <= 9:
+            return int(text)
+    return -1
 
 
-def _quantity(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        return 0
+def pod_claim(pod: Any) -> PodClaim:
+    """What capacity counting needs of a pod (core/capacity.py decides what counts)."""
+    meta, spec = pod.metadata, pod.spec
+    return PodClaim(
+        node_name=spec.node_name,
+        containers=tuple(_container(x) for x in spec.containers or []),
+        init_containers=tuple(_container(x) for x in spec.init_containers or []),
+        labels=dict(meta.labels or {}),
+        annotations=dict(meta.annotations or {}),
+        owners=tuple(
+            OwnerRef(r.api_version, r.kind, r.name, bool(r.controller))
+            for r in meta.owner_references or []
+        ),
+    )
+
+
+def _container(container: Any) -> Container:
+    res = container.resources
+    requests = (res.requests or {}) if res else {}
+    limits = (res.limits or {}) if res else {}
+    return Container(
+        gpus=gpu_quantity(requests.get(c.GPU_RESOURCE) or limits.get(c.GPU_RESOURCE) or 0),
+        sidecar=getattr(container, "restart_policy", None) == "Always",
+    )
 
 
 def _ready(node: Any) -> bool:

@@ -2,103 +2,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import json
 from dataclasses import replace
-from typing import Any
 
 import pytest
 
 from ddl_operator.api import constants as c
-from ddl_operator.api.models import DDLJob
-from ddl_operator.core.reconcile import Plan, WorkerPod, reconcile
-from ddl_operator.core.render import LABEL_SLOT
-from ddl_operator.core.topology import NodeInfo
+from ddl_operator.api.models import DDLJobStatus, Topology
+from ddl_operator.core.render import ANNOTATION_NODE
 
-from builders import make_ddljob
-
-T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-
-
-def rack_nodes(racks: int = 2, per_rack: int = 2, gpus: int = 8) -> list[NodeInfo]:
-    return [
-        NodeInfo(
-            name=f"r{r}-n{n}",
-            labels={
-                c.LABEL_HOSTNAME: f"r{r}-n{n}",
-                c.LABEL_RACK: f"rack-{r}",
-                c.LABEL_ZONE: "zone-a",
-            },
-            allocatable=gpus,
-            used=0,
-        )
-        for r in range(racks)
-        for n in range(per_rack)
-    ]
-
-
-class Cluster:
-    """Applies plans the way the API server and kube-scheduler would, minus the network."""
-
-    def __init__(self, job: dict[str, Any], nodes: list[NodeInfo]) -> None:
-        self.job = DDLJob.model_validate(
-            {**job, "metadata": {"name": job["metadata"]["name"], "uid": "u-1", "generation": 1}}
-        )
-        self.base_nodes = nodes
-        self.pods: dict[str, WorkerPod] = {}
-        self.now = T0
-        self.ips = 0
-
-    def nodes(self) -> list[NodeInfo]:
-        gpus = self.job.spec.gpus_per_worker
-        used: dict[str, int] = {}
-        for p in self.pods.values():
-            if p.placed_on and p.phase in ("Pending", "Running"):
-                used[p.placed_on] = used.get(p.placed_on, 0) + gpus
-        return [replace(n, used=n.used + used.get(n.name, 0)) for n in self.base_nodes]
-
-    def step(self, seconds: float = 1.0) -> Plan:
-        self.now += dt.timedelta(seconds=seconds)
-        plan = reconcile(self.job, list(self.pods.values()), self.nodes(), self.now)
-        for name in plan.delete:
-            self.pods.pop(name, None)
-        for manifest in plan.create:
-            name = manifest["metadata"]["name"]
-            assert name not in self.pods, f"duplicate pod {name}"
-            gates = tuple(manifest["spec"]["schedulingGates"])
-            slot = int(manifest["metadata"]["labels"][LABEL_SLOT])
-            self.pods[name] = WorkerPod(name=name, slot=slot, gates=gates)
-        for name, patch in plan.place:
-            node = patch["spec"]["nodeSelector"][c.LABEL_HOSTNAME]
-            self.pods[name] = replace(
-                self.pods[name], assigned=node, gates=tuple(patch["spec"]["schedulingGates"])
-            )
-        self.job = self.job.model_copy(update={"status": plan.status})
-        return plan
-
-    def run_bound(self) -> None:
-        """The scheduler binds placed pods and the kubelet starts them."""
-        for name, p in list(self.pods.items()):
-            if p.assigned and p.phase == "Pending":
-                self.ips += 1
-                self.pods[name] = replace(
-                    p, node=p.assigned, phase="Running", ip=f"10.0.0.{self.ips}"
-                )
-
-    def settle(self, passes: int = 6) -> Plan:
-        plan = self.step()
-        for _ in range(passes):
-            self.run_bound()
-            plan = self.step()
-        return plan
-
-    def members(self) -> list[str]:
-        rdzv = self.job.status.rendezvous
-        return [m.pod for m in rdzv.members] if rdzv else []
-
-
-def cond(cluster: Cluster, type_: str) -> tuple[str, str]:
-    found = next(x for x in cluster.job.status.conditions if x.type == type_)
-    return found.status, found.message
+from builders import Cluster, cond, make_ddljob, rack_nodes
 
 
 def test_gang_is_created_gated_then_placed_then_published() -> None:
@@ -239,7 +152,7 @@ def test_members_finishing_one_by_one_complete_the_job_without_reforming() -> No
     assert cl.job.status.phase == "Running" and cl.job.status.epoch == 1
     assert not (plan.create or plan.place or plan.delete), "no replacement for a finished worker"
     final = {"epoch": 1, "state": "Succeeded", "step": 60, "throughput": 99.5, "syncWaitRatio": 0.3}
-    cl.pods[first] = replace(cl.pods[first], report=final)
+    cl.pods[first] = replace(cl.pods[first], report=json.dumps(final))
     cl.pods[second] = replace(cl.pods[second], phase="Succeeded", exit_code=0)
     cl.step()
     assert cl.job.status.phase == "Succeeded"
@@ -265,7 +178,7 @@ def test_rank0_report_reaches_the_status() -> None:
     cl.settle()
     rank0 = cl.members()[0]
     report = {"epoch": 1, "step": 40, "throughput": 512.5, "syncWaitRatio": 0.12}
-    cl.pods[rank0] = replace(cl.pods[rank0], report=report)
+    cl.pods[rank0] = replace(cl.pods[rank0], report=json.dumps(report))
     status = cl.step().status
     assert (status.step, status.throughput, status.sync_wait_ratio) == (40, 512.5, 0.12)
 
@@ -279,7 +192,7 @@ def test_straggler_is_named_by_compute_time(slow: float, expected: bool) -> None
         # Everyone's step takes 1 s; the slow one computes longer and waits less.
         compute = 0.5 * (slow if i == 2 else 1.0)
         report = {"epoch": 1, "stepSeconds": 1.0, "syncWaitRatio": 1.0 - compute}
-        cl.pods[name] = replace(cl.pods[name], report=report)
+        cl.pods[name] = replace(cl.pods[name], report=json.dumps(report))
     plan = cl.step()
     status, message = cond(cl, "Straggler")
     assert (status == "True") is expected
@@ -293,12 +206,195 @@ def test_failed_training_restarts_the_gang_at_a_new_epoch() -> None:
     cl.settle()
     members = cl.members()
     failed = {"epoch": 1, "state": "Failed", "message": "rank 3 exited with code 1"}
-    cl.pods[members[1]] = replace(cl.pods[members[1]], report=failed)
+    cl.pods[members[1]] = replace(cl.pods[members[1]], report=json.dumps(failed))
     plan = cl.step()
     assert cl.job.status.epoch == 2 and cl.members() == members, "same workers, new epoch"
     assert cl.job.status.restarts == 1 and not plan.delete
     cl.step()
     assert cl.job.status.epoch == 2 and cl.job.status.restarts == 1, "counted once"
-    cl.pods[members[0]] = replace(cl.pods[members[0]], report={**failed, "epoch": 2})
+    cl.pods[members[0]] = replace(cl.pods[members[0]], report=json.dumps({**failed, "epoch": 2}))
     cl.step()
     assert cl.job.status.phase == "Failed" and "maxRestarts" in cl.job.status.message
+
+
+def strict_json(status: DDLJobStatus) -> str:
+    """The status as the API server gets it; raises on NaN or infinity."""
+    return json.dumps(
+        status.model_dump(by_alias=True, exclude_none=True, mode="json"), allow_nan=False
+    )
+
+
+def test_a_bad_report_is_ignored_with_one_warning_for_its_pod() -> None:
+    cl = Cluster(make_ddljob(replicas=2, gpus=8), rack_nodes())
+    cl.settle()
+    rank0, other = cl.members()
+    good = {"epoch": 1, "state": "Running", "step": 10, "throughput": 100.0, "syncWaitRatio": 0.1}
+    cl.pods[rank0] = replace(cl.pods[rank0], report=json.dumps(good))
+    cl.step()
+    bad = '{"epoch": 1, "state": "Running", "step": 11, "throughput": NaN}'
+    cl.pods[rank0] = replace(cl.pods[rank0], report=bad)
+    warnings = [e for _ in range(4) for e in cl.step().events if e.reason == "ReportRejected"]
+    assert len(warnings) == 1 and rank0 in warnings[0].message and "NaN" in warnings[0].message
+    status, message = cond(cl, "ReportRejected")
+    assert status == "True" and message.startswith(f"{rank0}: ")
+    assert (cl.job.status.step, cl.job.status.throughput) == (10, 100.0), "the last good report"
+    assert cl.job.status.phase == "Running"
+    strict_json(cl.job.status)
+    # A second pod going bad gets its own warning; the first is not repeated.
+    cl.pods[other] = replace(cl.pods[other], report="{")
+    events = [e for e in cl.step().events if e.reason == "ReportRejected"]
+    assert [other in e.message for e in events] == [True]
+    # Fixed, then broken differently: a new warning, since what is wrong changed.
+    cl.pods[rank0] = replace(cl.pods[rank0], report=json.dumps(good))
+    cl.step()
+    assert rank0 not in cond(cl, "ReportRejected")[1]
+    cl.pods[rank0] = replace(cl.pods[rank0], report=json.dumps({**good, "state": "Exploded"}))
+    events = [e for e in cl.step().events if e.reason == "ReportRejected"]
+    assert len(events) == 1 and rank0 in events[0].message and "state" in events[0].message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"epoch": 1, "state": "Running", "step": Infinity}',
+        '{"epoch": 1, "state": "Running", "step": 1e999}',
+        '{"epoch": 1, "state": "Running", "step": ' + "9" * 400 + "}",
+        '{"epoch": 1, "state": "Running", "throughput": 1e999}',
+        '{"epoch": 1, "state": "Running", "throughput": -Infinity}',
+        '{"epoch": 1, "state": "Running", "syncWaitRatio": NaN}',
+        '{"epoch": 1, "state": "Failed", "stepSeconds": 1e999}',
+        '{"epoch": ' + "1" * 30 + ', "state": "Failed"}',
+        '{"epoch": 1, "state": ["Failed"]}',
+        "[" * 5000,
+        "null",
+    ],
+)
+def test_overflowing_reports_never_fail_the_pass(raw: str) -> None:
+    cl = Cluster(make_ddljob(replicas=3, gpus=8), rack_nodes())
+    cl.settle()
+    for name in cl.members():
+        cl.pods[name] = replace(cl.pods[name], report=raw)
+    for _ in range(3):
+        plan = cl.step()
+        strict_json(plan.status)
+    assert cl.job.status.phase == "Running" and cl.job.status.restarts == 0
+    assert cond(cl, "ReportRejected")[0] == "True"
+
+
+def test_tiny_compute_times_name_no_straggler() -> None:
+    cl = Cluster(make_ddljob(replicas=3, gpus=8), rack_nodes())
+    cl.settle()
+    for name, seconds in zip(cl.members(), (1e-320, 1e-320, 1e6), strict=True):
+        report = {"epoch": 1, "stepSeconds": seconds, "syncWaitRatio": 0.0}
+        cl.pods[name] = replace(cl.pods[name], report=json.dumps(report))
+    strict_json(cl.step().status)
+    assert cond(cl, "Straggler")[0] == "False"
+
+
+def test_forged_operator_annotations_in_the_template_do_not_reach_workers() -> None:
+    forged = {
+        ANNOTATION_NODE: "r1-n1",
+        c.ANNOTATION_REPORT: json.dumps({"epoch": 0, "state": "Failed", "message": "forged"}),
+    }
+    job = make_ddljob(replicas=2, gpus=8)
+    job["spec"]["template"]["metadata"]["annotations"] = forged
+    cl = Cluster(job, rack_nodes())
+    created = cl.step().create
+    assert all(not (m["metadata"]["annotations"].keys() & forged.keys()) for m in created)
+    cl.settle()
+    assert cl.job.status.phase == "Running" and cl.job.status.restarts == 0
+
+
+def _require(cl: Cluster, level: str) -> None:
+    topology = cl.job.spec.topology.model_copy(update={"required": level})
+    cl.job = cl.job.model_copy(
+        update={"spec": cl.job.spec.model_copy(update={"topology": topology})}
+    )
+
+
+def _racks(cl: Cluster) -> set[str]:
+    rdzv = cl.job.status.rendezvous
+    assert rdzv is not None
+    return {m.domains[c.LABEL_RACK] for m in rdzv.members}
+
+
+@pytest.mark.parametrize("victim", range(4))
+def test_required_domain_set_on_a_spread_job_reforms_inside_one_domain(victim: int) -> None:
+    job = make_ddljob(replicas=4, min_replicas=2, max_replicas=4, gpus=8)
+    cl = Cluster(job, rack_nodes(racks=2, per_rack=2))
+    cl.settle()
+    assert len(_racks(cl)) == 2
+    _require(cl, c.LABEL_RACK)
+    plan = cl.step()
+    assert not plan.delete and cl.job.status.epoch == 1, "a label rule does not evict"
+    status, message = cond(cl, "DomainSplit")
+    assert status == "True" and "span 2 topology.kubernetes.io/rack domains" in message
+    assert [e.reason for e in plan.events].count("DomainSplit") == 1
+    assert not any(e.reason == "DomainSplit" for e in cl.step().events), "said once"
+    lost = cl.members()[victim]
+    cl.pods[lost] = replace(cl.pods[lost], phase="Failed", exit_code=1)
+    plan = cl.step()  # failed before: AssertionError in _publish, on every pass
+    assert cl.job.status.epoch == 2 and len(cl.members()) == 2 and len(_racks(cl)) == 1
+    released = [p for p in plan.delete if p != lost]
+    assert len(released) == 1 and released[0] not in cl.members()
+    assert any(e.reason == "DomainSplit" and released[0] in e.message for e in plan.events)
+    cl.step(seconds=60)
+    cl.settle()
+    assert len(_racks(cl)) == 1 and cond(cl, "DomainSplit")[0] == "False"
+    assert cl.job.status.phase == "Running" and cl.job.status.restarts == 1
+
+
+def test_a_relabelled_node_splits_the_gang_and_the_survivors_regroup() -> None:
+    nodes = rack_nodes(racks=2, per_rack=3)
+    job = make_ddljob(replicas=3, min_replicas=1, max_replicas=3, gpus=8)
+    job["spec"]["topology"] = {"required": c.LABEL_RACK}
+    job["spec"]["failurePolicy"] = {"backoffSeconds": 0}
+    cl = Cluster(job, nodes)
+    cl.settle()
+    assert _racks(cl) == {"rack-0"}
+    moved = cl.pods[cl.members()[2]].node
+    cl.base_nodes = [
+        replace(n, labels={**n.labels, c.LABEL_RACK: "rack-1"}) if n.name == moved else n
+        for n in nodes
+    ]
+    cl.step()
+    assert cond(cl, "DomainSplit")[0] == "True"
+    first = cl.members()[0]
+    cl.pods[first] = replace(cl.pods[first], phase="Failed", exit_code=1)
+    cl.step()
+    assert len(cl.members()) == 1 and _racks(cl) == {"rack-0"}, "the moved one is released"
+    cl.settle()
+    # rack-0 is down to two nodes: the job runs with what fits there and says why.
+    assert len(cl.members()) == 2 and _racks(cl) == {"rack-0"}
+    assert all(cl.pods[m].node != moved for m in cl.members())
+    status, message = cond(cl, "Unschedulable")
+    assert status == "True" and "rack" in message
+
+
+def test_fewer_workers_than_the_smallest_gang_waits_for_them() -> None:
+    cl = Cluster(make_ddljob(replicas=2, gpus=8, failurePolicy={"backoffSeconds": 0}), rack_nodes())
+    cl.step()
+    gated = sorted(cl.pods)
+    cl.pods[gated[1]] = replace(cl.pods[gated[1]], deleting=True)
+    plan = cl.step()  # failed before: ValueError from GangRequest (min 2 > max 1)
+    assert len(plan.create) == 1 and not plan.place
+    cl.pods.pop(gated[1])
+    cl.settle()
+    assert cl.job.status.phase == "Running" and len(cl.members()) == 2
+
+
+def test_a_spec_that_slipped_past_the_schema_is_refused_with_a_condition() -> None:
+    job = make_ddljob(replicas=2, gpus=8, topology={"levels": [c.LABEL_RACK, c.LABEL_HOSTNAME]})
+    cl = Cluster(job, rack_nodes())
+    plan = cl.step()
+    assert not (plan.create or plan.place or plan.delete)
+    status, message = cond(cl, "InvalidSpec")
+    assert status == "True" and "spec.topology.levels" in message
+    assert [e.reason for e in plan.events] == ["InvalidSpec"]
+    assert not cl.step().events, "said once"
+    cl.job = cl.job.model_copy(
+        update={"spec": cl.job.spec.model_copy(update={"topology": Topology()})}
+    )
+    cl.settle()
+    assert cl.job.status.phase == "Running"
+    assert all(x.type != "InvalidSpec" for x in cl.job.status.conditions)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from ddl_operator.api import constants as c
@@ -29,12 +29,21 @@ from ddl_operator.api.models import (
     Phase,
     Rendezvous,
 )
+from ddl_operator.core.domains import Split, find_split
 from ddl_operator.core.placement import GangRequest, Unplaceable, place
+from ddl_operator.core.progress import find_straggler, rank0_summary
 from ddl_operator.core.render import placement_patch, pod_name, selector, worker_pod
+from ddl_operator.core.reports import Rejected, WorkerReport, parse_report
 from ddl_operator.core.topology import NodeInfo
 
 MASTER_PORT_BASE = 20000
 MASTER_PORT_SPAN = 30000
+
+# Condition types besides Placed, Unschedulable, Ready and Straggler.
+REPORT_REJECTED: Final = "ReportRejected"  # some worker's report is ignored (and why)
+DOMAIN_SPLIT: Final = "DomainSplit"  # placed workers span domains of topology.required
+INVALID_SPEC: Final = "InvalidSpec"  # the spec breaks a rule the CRD should have enforced
+REJECTIONS_LISTED: Final = 10  # pods named in the ReportRejected condition
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ class WorkerPod:
     deleting: bool = False
     ip: str | None = None
     exit_code: int | None = None
-    report: Mapping[str, Any] | None = None
+    report: str | None = None  # the raw report annotation: untrusted, parsed by the core
 
     @property
     def placed_on(self) -> str | None:
@@ -89,7 +98,14 @@ def _iso(t: dt.datetime) -> str:
 
 
 def _parse(t: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(t.replace("Z", "+00:00")) if t else None
+    """A timestamp of our own status; None when absent or unreadable (status is writable)."""
+    if not t:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def master_port(uid: str, epoch: int) -> int:
@@ -154,6 +170,8 @@ class Observed:
     by_name: Mapping[str, WorkerPod]
     members: Sequence[str]  # the published membership, in rank order
     lost: Mapping[str, str]  # pod -> why it no longer counts as a worker
+    reports: Mapping[str, WorkerReport]  # pod -> its valid report
+    rejected: Mapping[str, str]  # pod -> why its report is ignored
 
     @property
     def spec(self) -> DDLJobSpec:
@@ -181,11 +199,19 @@ class Losses:
 
 @dataclass(frozen=True)
 class Gang:
-    """The workers kept after scaling: placed ones, gated ones, and members scaled away."""
+    """The workers kept after scaling: placed ones, gated ones, members scaled away, and
+    how the placed ones are split across domains of topology.required (if they are)."""
 
     placed: Sequence[WorkerPod]
     unplaced: Sequence[WorkerPod]
     removed: Sequence[str]
+    split: Split | None = None
+
+    @property
+    def anchored(self) -> list[WorkerPod]:
+        """Placed workers that new ones join (the group that stays when split)."""
+        split = self.split
+        return [p for p in self.placed if split is None or p.name in split.inside]
 
 
 @dataclass(frozen=True)
@@ -224,6 +250,8 @@ def reconcile(
     if job.status.phase in TERMINAL:
         plan.requeue_after = 0
         return plan
+    if _refuse_invalid_spec(job, plan, _iso(now)):
+        return plan
     seen = observe(job, pods, nodes, now, service_account)
     if _outcome(seen, plan):
         return plan
@@ -249,6 +277,16 @@ def observe(
     """Index the snapshot and say which pods no longer count."""
     by_node = {n.name: n for n in nodes}
     rendezvous = job.status.rendezvous
+    reports: dict[str, WorkerReport] = {}
+    rejected: dict[str, str] = {}
+    for pod in pods:
+        if pod.report is None:
+            continue
+        parsed = parse_report(pod.report)
+        if isinstance(parsed, Rejected):
+            rejected[pod.name] = parsed.reason
+        else:
+            reports[pod.name] = parsed
     return Observed(
         job=job,
         pods=pods,
@@ -259,6 +297,8 @@ def observe(
         by_name={p.name: p for p in pods},
         members=[m.pod for m in rendezvous.members] if rendezvous else [],
         lost={p.name: why for p in pods if (why := _lost(p, by_node))},
+        reports=reports,
+        rejected=rejected,
     )
 
 
@@ -272,7 +312,7 @@ def _finish(seen: Observed, plan: Plan, phase: Phase, message: str, event: Event
         phase=phase,
         message=message,
         ready_replicas=0,
-        **_rank0_report(seen.old.rendezvous, seen.by_name),
+        **rank0_summary(seen.old.rendezvous, seen.reports),
     )
     plan.events.append(event)
     plan.requeue_after = 0
@@ -313,7 +353,7 @@ def _outcome(seen: Observed, plan: Plan) -> bool:
 
 def _losses(seen: Observed, plan: Plan) -> Losses:
     """Lost members and failed training count one restart; lost pods are deleted."""
-    old, by_name = seen.old, seen.by_name
+    old, by_name, reports = seen.old, seen.by_name, seen.reports
     lost_members = [m for m in seen.members if m not in by_name or m in seen.lost]
     # A training process failed while its pod lives on: the agent says so at this epoch and
     # waits; the gang restarts at a new epoch (from the last checkpoint).
@@ -321,9 +361,9 @@ def _losses(seen: Observed, plan: Plan) -> Losses:
         m
         for m in seen.members
         if m not in seen.lost
-        and (r := by_name[m].report) is not None
-        and r.get("epoch") == old.epoch
-        and r.get("state") == "Failed"
+        and (r := reports.get(m)) is not None
+        and r.epoch == old.epoch
+        and r.state == "Failed"
     ]
     losses = Losses(members=lost_members, failed_training=failed_training)
     if losses:
@@ -331,10 +371,7 @@ def _losses(seen: Observed, plan: Plan) -> Losses:
         plan.update_status(restarts=old.restarts + 1, last_failure_time=seen.stamp)
         reasons = ", ".join(
             [f"{m} {seen.lost.get(m, 'is gone')}" for m in lost_members]
-            + [
-                f"{m} failed: {by_name[m].report.get('message', '')}"  # type: ignore[union-attr]
-                for m in failed_training
-            ]
+            + [f"{m} failed: {reports[m].message}" for m in failed_training]
         )
         plan.events.append(Event("Warning", "WorkerLost", f"epoch {old.epoch}: {reasons}"))
     plan.delete.extend(sorted(n for n in seen.lost if not by_name[n].deleting))
@@ -364,10 +401,20 @@ def _scale(seen: Observed, plan: Plan) -> Gang:
         alive = [p for p in alive if p not in surplus]
     if len(alive) < target:
         _create(seen, plan, target - len(alive))
+    placed = [p for p in alive if p.placed_on]
+    topology = seen.spec.topology
+    split = find_split(
+        {p.name: p.placed_on or "" for p in placed},
+        seen.by_node,
+        topology.levels,
+        topology.required,
+        seen.members,
+    )
     return Gang(
-        placed=[p for p in alive if p.placed_on],
+        placed=placed,
         unplaced=[p for p in alive if not p.placed_on],
         removed=removed,
+        split=split,
     )
 
 
@@ -393,9 +440,11 @@ def _place(seen: Observed, plan: Plan, gang: Gang) -> Unplaceable | None:
         return None
     spec = seen.spec
     target = spec.replicas
-    keep = {p.name: p.node or p.assigned or "" for p in gang.placed}
+    keep = {p.name: p.node or p.assigned or "" for p in gang.anchored}
     low = min(target, max(spec.min_replicas, len(keep) + 1))
     high = min(target, len(keep) + len(gang.unplaced))
+    if low > high:
+        return None  # fewer workers exist than the smallest gang; those missing are created
     result = place(seen.nodes, _request(seen.job, low, high, keep))
     if isinstance(result, Unplaceable):
         return result
@@ -418,14 +467,18 @@ def _rendezvous(seen: Observed, plan: Plan, gang: Gang, losses: Losses) -> Membe
     running_names = frozenset(p.name for p in running)
     must_change = bool(losses or gang.removed)
     can_grow = running_names != set(seen.members) and not waiting
+    # Split across required domains: only the group that stays can form the next epoch.
+    eligible = [p for p in running if gang.split is None or p.name in gang.split.inside]
+    published = None
+    if (must_change or can_grow) and len(eligible) >= spec.min_replicas:
+        published = _publish(seen.job, old.epoch + 1, seen.nodes, eligible)
     rendezvous, epoch = old.rendezvous, old.epoch
-    if (must_change or can_grow) and len(running) >= spec.min_replicas:
-        epoch += 1
-        rendezvous = _publish(seen.job, epoch, seen.nodes, running)
-        grid = "x".join(map(str, rendezvous.grid))
+    if published is not None:
+        epoch, rendezvous = published.epoch, published
+        grid = "x".join(map(str, published.grid))
         plan.events.append(
             Event(
-                "Normal", "Rendezvous", f"epoch {epoch}: {rendezvous.workers} workers, grid {grid}"
+                "Normal", "Rendezvous", f"epoch {epoch}: {published.workers} workers, grid {grid}"
             )
         )
     elif must_change:
@@ -436,12 +489,28 @@ def _rendezvous(seen: Observed, plan: Plan, gang: Gang, losses: Losses) -> Membe
             Event(
                 "Warning",
                 "WaitingForCapacity",
-                f"epoch {epoch}: {len(running)} workers left, fewer than minReplicas "
+                f"epoch {epoch}: {len(eligible)} workers left, fewer than minReplicas "
                 f"{spec.min_replicas}; waiting for capacity",
             )
         )
+    if epoch != old.epoch and gang.split is not None:
+        _release(plan, gang.split, epoch)
     plan.update_status(epoch=epoch, rendezvous=rendezvous)
     return Membership(rendezvous=rendezvous, running=running_names, waiting=bool(waiting))
+
+
+def _release(plan: Plan, split: Split, epoch: int) -> None:
+    """The workers outside the domain that stays leave at this epoch (replacements join it)."""
+    leaving = split.outside  # placed and alive, so neither lost nor surplus (not deleted yet)
+    plan.delete.extend(leaving)
+    plan.events.append(
+        Event(
+            "Warning",
+            DOMAIN_SPLIT,
+            f"epoch {epoch}: releasing {', '.join(leaving)}: outside "
+            f"{split.level} {split.domain}, where the gang stays",
+        )
+    )
 
 
 def _out_of_patience(seen: Observed, plan: Plan, membership: Membership) -> bool:
@@ -472,6 +541,9 @@ def _phase(plan: Plan, gang: Gang, membership: Membership) -> Phase:
     return "Placing" if gang.placed or plan.place else "Pending"
 
 
+ConditionState = tuple[str, bool, str, str]  # type, status, reason, message
+
+
 def _conditions(
     seen: Observed,
     plan: Plan,
@@ -480,67 +552,124 @@ def _conditions(
     unschedulable: Unplaceable | None,
 ) -> None:
     """Phase, conditions and the rank-0 summary; events for conditions that just turned."""
-    old, stamp, target = seen.old, seen.stamp, seen.spec.replicas
+    old, target, split = seen.old, seen.spec.replicas, gang.split
     phase = _phase(plan, gang, membership)
     members = membership.members
     ready = sum(1 for m in members if m in membership.running)
     placed_count = len(gang.placed) + len(plan.place)
     placed_all = placed_count >= target
-    straggler = find_straggler(membership.rendezvous, seen.by_name)
-    states: list[tuple[str, bool, str, str]] = [
-        (
-            "Placed",
-            placed_all,
-            "GangPlaced" if placed_all else "Placing",
-            f"{placed_count}/{target} workers placed",
-        ),
-        (
-            "Unschedulable",
-            unschedulable is not None,
-            unschedulable.short if unschedulable else "Placed",
-            unschedulable.reason if unschedulable else "",
-        ),
-        (
-            "Ready",
-            phase == "Running",
-            "Training" if phase == "Running" else phase,
-            f"{ready}/{len(members)} members running at epoch {plan.status.epoch}",
-        ),
-        (
-            "Straggler",
-            straggler is not None,
-            "SlowWorker" if straggler else "Balanced",
-            straggler or "",
-        ),
-    ]
-    conditions = [_condition(old.conditions, *state, stamp) for state in states]
+    straggler = find_straggler(membership.rendezvous, seen.reports)
     was = {x.type: x for x in old.conditions}
-    if straggler and (was.get("Straggler") is None or was["Straggler"].status != "True"):
-        plan.events.append(Event("Warning", "Straggler", straggler))
+    rejections, rejection_events = _rejections(seen.rejected, was.get(REPORT_REJECTED))
+    states: list[ConditionState] = [
+        ("Placed", placed_all, "GangPlaced" if placed_all else "Placing",
+         f"{placed_count}/{target} workers placed"),
+        ("Unschedulable", unschedulable is not None,
+         unschedulable.short if unschedulable else "Placed",
+         unschedulable.reason if unschedulable else ""),
+        ("Ready", phase == "Running", "Training" if phase == "Running" else phase,
+         f"{ready}/{len(members)} members running at epoch {plan.status.epoch}"),
+        ("Straggler", straggler is not None, "SlowWorker" if straggler else "Balanced",
+         straggler or ""),
+        (DOMAIN_SPLIT, split is not None, "WorkersSpanDomains" if split else "WithinDomain",
+         split.describe() if split else ""),
+        rejections,
+    ]  # fmt: skip
+    conditions = [_condition(old.conditions, *state, seen.stamp) for state in states]
+    for type_, message in (
+        ("Straggler", straggler),
+        (DOMAIN_SPLIT, split.describe() if split else None),
+    ):
+        if message and (was.get(type_) is None or was[type_].status != "True"):
+            plan.events.append(Event("Warning", type_, message))
     if unschedulable and (
         was.get("Unschedulable") is None or was["Unschedulable"].message != unschedulable.reason
     ):
         plan.events.append(Event("Warning", "Unschedulable", unschedulable.reason))
+    plan.events.extend(rejection_events)
     plan.update_status(
         phase=phase,
         replicas=len(members),
         ready_replicas=ready,
         conditions=conditions,
         message=unschedulable.reason if unschedulable else "",
-        **_rank0_report(membership.rendezvous, seen.by_name),
+        **rank0_summary(membership.rendezvous, seen.reports),
     )
     if unschedulable or membership.waiting or plan.create or plan.place or plan.delete:
         plan.requeue_after = min(plan.requeue_after, 5.0)
 
 
+def _rejections(
+    rejected: Mapping[str, str], previous: Condition | None
+) -> tuple[ConditionState, list[Event]]:
+    """The ReportRejected condition, and one warning per pod whose report newly fails.
+
+    The condition remembers what was said: it lists `pod: reason` entries, and a pod gets an
+    event only when its entry is not in the last written condition (new, or a new reason).
+    """
+    entries = [f"{pod}: {why}" for pod, why in sorted(rejected.items())]
+    listed = entries[:REJECTIONS_LISTED]
+    more = [f"and {len(entries) - len(listed)} more"] if len(entries) > len(listed) else []
+    said = set(previous.message.split("; ")) if previous and previous.status == "True" else set()
+    events = [
+        Event("Warning", REPORT_REJECTED, f"ignoring the report of {entry}")
+        for entry in listed
+        if entry not in said
+    ]
+    reason = "InvalidReport" if entries else "ReportsValid"
+    return (REPORT_REJECTED, bool(entries), reason, "; ".join(listed + more)), events
+
+
+def _spec_problem(job: DDLJob) -> str | None:
+    """A rule of the CRD's schema that the spec breaks, naming the field; None if none.
+
+    The API server enforces these; the check keeps placement from ever seeing a spec that
+    slipped past (an outdated CRD), which would otherwise fail every pass.
+    """
+    topology = job.spec.topology
+    levels = topology.levels
+    if not levels or levels[0] != c.LABEL_HOSTNAME:
+        return f"spec.topology.levels must start with {c.LABEL_HOSTNAME}"
+    if len(set(levels)) != len(levels):
+        return "spec.topology.levels must not repeat a level"
+    if topology.required is not None and topology.required not in levels:
+        return "spec.topology.required must be one of spec.topology.levels"
+    return None
+
+
+def _refuse_invalid_spec(job: DDLJob, plan: Plan, stamp: str) -> bool:
+    """Leave the children alone and say what to fix, once per problem."""
+    problem = _spec_problem(job)
+    if problem is None:
+        return False
+    old = job.status.conditions
+    previous = next((x for x in old if x.type == INVALID_SPEC), None)
+    if previous is None or previous.message != problem:
+        plan.events.append(Event("Warning", INVALID_SPEC, problem))
+    refused = _condition(old, INVALID_SPEC, True, "SpecBreaksSchema", problem, stamp)
+    plan.update_status(
+        conditions=[*(x for x in old if x.type != INVALID_SPEC), refused], message=problem
+    )
+    plan.requeue_after = 0  # a spec change starts the next pass
+    return True
+
+
 def _publish(
     job: DDLJob, epoch: int, nodes: Sequence[NodeInfo], running: Sequence[WorkerPod]
-) -> Rendezvous:
-    """Rank map and grid for running workers, ordered by topology."""
+) -> Rendezvous | None:
+    """Rank map and grid for running workers, ordered by topology; None if none exists.
+
+    Every worker is kept where it runs, so ordering only fails if they break
+    `topology.required` (the caller passes one domain's workers); then they are ordered
+    without it rather than not at all.
+    """
     keep = {p.name: p.node or p.assigned or "" for p in running}
-    ordered = place(nodes, _request(job, len(running), len(running), keep))
-    if isinstance(ordered, Unplaceable):  # cannot happen: every worker is kept in place
-        raise AssertionError(f"ordering running workers failed: {ordered.reason}")
+    request = _request(job, len(running), len(running), keep)
+    ordered = place(nodes, request)
+    if isinstance(ordered, Unplaceable) and request.required is not None:
+        ordered = place(nodes, replace(request, required=None))
+    if isinstance(ordered, Unplaceable):
+        return None
     by_name = {p.name: p for p in running}
     members = [
         Member(rank=w.rank, pod=w.pod or "", node=w.node, domains=dict(w.domains))
@@ -569,62 +698,6 @@ def _surplus(alive: Sequence[WorkerPod], members: Sequence[str], count: int) -> 
         )
 
     return sorted(alive, key=cost)[:count]
-
-
-STRAGGLER_RATIO = 1.2
-
-
-def find_straggler(rendezvous: Rendezvous | None, pods: Mapping[str, WorkerPod]) -> str | None:
-    """A sentence naming the slowest worker if its compute time per step (step time minus
-    sync-wait) exceeds the median of the others by over 20%; None otherwise.
-
-    In synchronous training every rank's step takes as long as the slowest, so the step time
-    cannot tell; the straggler is the one that waits least for communication.
-    """
-    if not rendezvous or len(rendezvous.members) < 3:
-        return None
-    compute: list[tuple[float, Member]] = []
-    for member in rendezvous.members:
-        pod = pods.get(member.pod)
-        report = pod.report if pod else None
-        if not report or report.get("epoch") != rendezvous.epoch:
-            return None
-        try:
-            step = float(report["stepSeconds"])
-            wait = float(report["syncWaitRatio"])
-        except (KeyError, TypeError, ValueError):
-            return None
-        compute.append((step * (1.0 - wait), member))
-    compute.sort(key=lambda pair: pair[0])
-    slowest, member = compute[-1]
-    others = [seconds for seconds, _ in compute[:-1]]
-    median = others[len(others) // 2]
-    if median <= 0 or slowest <= STRAGGLER_RATIO * median:
-        return None
-    return (
-        f"rank {member.rank} ({member.pod} on {member.node}) computes "
-        f"{(slowest / median - 1) * 100:.0f}% slower per step than the median worker"
-    )
-
-
-def _rank0_report(rendezvous: Rendezvous | None, pods: Mapping[str, WorkerPod]) -> dict[str, Any]:
-    if not rendezvous or not rendezvous.members:
-        return {}
-    pod = pods.get(rendezvous.members[0].pod)
-    report = pod.report if pod else None
-    if not report or report.get("epoch") != rendezvous.epoch:
-        return {}
-    out: dict[str, Any] = {}
-    for key, field_name, kind in (
-        ("step", "step", int),
-        ("throughput", "throughput", float),
-        ("syncWaitRatio", "sync_wait_ratio", float),
-    ):
-        try:
-            out[field_name] = kind(report[key])
-        except (KeyError, TypeError, ValueError):
-            continue
-    return out
 
 
 __all__ = ["Event", "Plan", "WorkerPod", "master_port", "pod_name", "reconcile"]
