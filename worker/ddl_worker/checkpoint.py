@@ -177,8 +177,8 @@ class Checkpointer:
         if _rank() != 0:
             return None
         path = self.path(step)
-        if self.last_saved_step == step and path.exists():
-            return path
+        if self.last_saved_step == step and self._holds_own(path, step):
+            return path  # saved already (a stop right after a periodic checkpoint)
         self.directory.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         if path.exists():
@@ -276,10 +276,10 @@ class Checkpointer:
         )
         if others:
             log.warning(
-                "%s also holds checkpoints of %s; job %s never resumes from or prunes them",
+                "%s also holds checkpoints of %s, which %s never resumes from or prunes",
                 self.directory,
                 ", ".join(others),
-                "(no job)" if self.job is None else self.job,
+                "a checkpointer without a job" if self.job is None else f"job {self.job}",
             )
 
     def _prune(self, protect: int | None) -> list[int]:
@@ -310,6 +310,14 @@ class Checkpointer:
         self._remove_stale_temps()
         fsync_dir(self.directory)
         return kept
+
+    def _holds_own(self, path: Path, step: int) -> bool:
+        """Whether path is this job's whole checkpoint of step."""
+        try:
+            _check_matches_name(verify_file(path), step, self.job)
+        except (CheckpointError, OSError):
+            return False
+        return True
 
     def _clear_the_way(self, path: Path, step: int) -> None:
         """Before writing over path: replacing this job's good checkpoint of the same step is
@@ -350,7 +358,7 @@ class Checkpointer:
 
     def _remove_stale_temps(self) -> None:
         now = time.time()
-        for temp in self.directory.iterdir():
+        for temp in list(self.directory.iterdir()):
             match = _TEMP.match(temp.name)
             parsed = None if match is None else parse_name(match.group(1))
             if parsed is None or parsed[1] != self.job:
@@ -377,8 +385,9 @@ class Checkpointer:
 def _read_prefix(handle: IO[bytes]) -> tuple[Header, bytes, Any]:
     """Header, stored digest and a hasher fed with what was read of the checked bytes."""
     magic = handle.read(len(MAGIC))
-    if len(magic) == len(MAGIC) and magic.startswith(_FAMILY) and magic not in (MAGIC, _MAGIC_V1):
-        raise ForeignCheckpoint(f"unknown checkpoint format {magic!r}")
+    version = magic[len(_FAMILY) :]
+    if magic.startswith(_FAMILY) and version.isdigit() and magic not in (MAGIC, _MAGIC_V1):
+        raise ForeignCheckpoint(f"unknown checkpoint format version {version.decode()}")
     if magic not in (MAGIC, _MAGIC_V1):
         raise DamagedCheckpoint("missing checkpoint header")
     digest = handle.read(_DIGEST_SIZE)
