@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import kopf
@@ -24,8 +25,17 @@ from kubernetes import client, config
 
 from ddl_operator import metrics
 from ddl_operator.api import constants as c
-from ddl_operator.core.reconcile import reconcile
-from ddl_operator.kube import Kube
+from ddl_operator.api.models import DDLJob, DDLJobStatus
+from ddl_operator.core.reconcile import Event, Plan, reconcile
+from ddl_operator.core.validate import (
+    CHILD_REFUSED,
+    UNUSABLE_TEMPLATE,
+    FieldError,
+    child_errors,
+    invalid_status,
+    spec_errors,
+)
+from ddl_operator.kube import Kube, Snapshot
 
 log = logging.getLogger("ddl_operator")
 
@@ -115,13 +125,15 @@ def reconcile_job(key: JobKey) -> float | None:
             KNOWN_JOBS.discard(key)
             _forget_metrics(namespace, name)
             return None
+        now = dt.datetime.now(dt.UTC)
+        errors = spec_errors(snap.job)
+        if errors:
+            # Nothing can be rendered: say which field, and wait for the job to change.
+            _refuse(snap, snap.job.status, errors, now, UNUSABLE_TEMPLATE, [])
+            return None
         t0 = time.perf_counter()
         plan = reconcile(
-            snap.job,
-            snap.pods,
-            snap.nodes,
-            dt.datetime.now(dt.UTC),
-            service_account=SETTINGS.worker_service_account,
+            snap.job, snap.pods, snap.nodes, now, service_account=SETTINGS.worker_service_account
         )
         metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - t0)
         identity = (
@@ -129,7 +141,16 @@ def reconcile_job(key: JobKey) -> float | None:
             if SETTINGS.worker_service_account and SETTINGS.worker_cluster_role
             else None
         )
-        KUBE.apply(snap, plan, identity)
+        try:
+            KUBE.apply(snap, plan, identity)
+        except client.ApiException as err:
+            errors = _refused_children(err, snap.job)
+            if not errors:
+                raise
+            # The rest of the plan still applies (losses, placement of existing workers).
+            plan = replace(plan, create=[])
+            _refuse(snap, plan.status, errors, now, CHILD_REFUSED, plan.events, plan, identity)
+            return None
     status = plan.status
     pending = max(0, snap.job.spec.replicas - status.replicas) * snap.job.spec.gpus_per_worker
     metrics.PENDING_GPUS.labels(namespace, name).set(pending)
@@ -143,6 +164,41 @@ def reconcile_job(key: JobKey) -> float | None:
     for event in plan.events:
         log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
     return plan.requeue_after or None
+
+
+def _refused_children(err: client.ApiException, job: DDLJob) -> list[FieldError]:
+    """The job fields behind a 422 on creating a worker pod or the Service; empty otherwise."""
+    if err.status != 422 or not err.body:
+        return []
+    try:
+        refusal = json.loads(err.body)
+    except ValueError:
+        return []
+    return child_errors(refusal, job) if isinstance(refusal, dict) else []
+
+
+def _refuse(
+    snap: Snapshot,
+    status: DDLJobStatus,
+    errors: list[FieldError],
+    now: dt.datetime,
+    reason: str,
+    events: list[Event],
+    plan: Plan | None = None,
+    identity: tuple[str, str] | None = None,
+) -> None:
+    """Writes the InvalidSpec condition (with `plan`'s other changes); one event per new
+    reason. The status stays the same while the errors do, so no write loop follows."""
+    invalid, event = invalid_status(snap.job, status, errors, now, reason)
+    if event is not None:
+        log.warning("%s/%s: %s", snap.job.metadata.namespace, snap.job.metadata.name, event.message)
+    base = plan or Plan(status=invalid)
+    assert KUBE is not None
+    KUBE.apply(
+        snap,
+        replace(base, status=invalid, events=[*events, *([event] if event else [])]),
+        identity,
+    )
 
 
 _UNSCHED_REASONS: dict[JobKey, str] = {}

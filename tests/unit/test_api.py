@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -11,6 +12,8 @@ from pydantic import ValidationError
 from ddl_operator.api import constants as c
 from ddl_operator.api.crd import CRD_PATHS, REFERENCE_PATH, build_crd, render_crd, render_reference
 from ddl_operator.api.models import DDLJob, DDLJobSpec
+from ddl_operator.core.render import pod_name
+from ddl_operator.core.validate import DNS_LABEL_MAX, SLOT_FACTOR, max_job_name_length
 
 from builders import make_ddljob
 
@@ -52,7 +55,10 @@ def _walk(node: object) -> list[dict[str, object]]:
 def test_schema_is_structural() -> None:
     schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for node in _walk(schema):
-        assert "$ref" not in node and "anyOf" not in node and "title" not in node
+        assert "$ref" not in node and "title" not in node
+        if "anyOf" in node:  # only the int-or-string form Kubernetes accepts
+            assert node["x-kubernetes-int-or-string"] is True
+            assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}]
         if "properties" in node:
             assert "additionalProperties" not in node
             assert node.get("type") == "object"
@@ -79,3 +85,46 @@ def test_examples_parse() -> None:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == c.KIND:
                 DDLJob.model_validate(doc)
+
+
+def _root() -> dict[str, Any]:
+    schema: dict[str, Any] = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def test_name_rules_sit_on_the_root_and_point_at_the_name() -> None:
+    root = _root()
+    assert root["properties"]["metadata"]["properties"]["name"]["maxLength"] == DNS_LABEL_MAX
+    rules = root["x-kubernetes-validations"]
+    assert [r["fieldPath"] for r in rules] == [".metadata.name", ".metadata.name"]
+    # Both ratchet: an object stored before a rule stays writable (the operator's status).
+    assert all(r["optionalOldSelf"] and "oldSelf.hasValue()" in r["rule"] for r in rules)
+    # The limit in the rule is the one the renderer's names need.
+    room = DNS_LABEL_MAX - len(pod_name("", 0)) + 1
+    assert f"({room} - size(string({SLOT_FACTOR} * " in rules[1]["rule"]
+    assert f"{max_job_name_length(1)} characters for 1 worker" in rules[1]["message"]
+
+
+def test_template_types_the_fields_the_operator_reads() -> None:
+    template = _root()["properties"]["spec"]["properties"]["template"]
+    container = template["properties"]["spec"]["properties"]["containers"]["items"]
+    assert container["required"] == ["name", "image"]
+    assert container["x-kubernetes-preserve-unknown-fields"] is True
+    props = container["properties"]
+    assert {props[k]["type"] for k in ("env", "ports", "volumeMounts")} == {"array"}
+    assert props["resources"]["properties"]["limits"]["additionalProperties"][
+        "x-kubernetes-int-or-string"
+    ]
+    labels = template["properties"]["metadata"]["properties"]["labels"]
+    assert labels == {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+def test_gpu_rules_name_the_containers() -> None:
+    rules = _root()["properties"]["spec"]["x-kubernetes-validations"]
+    gpu = [r for r in rules if c.GPU_RESOURCE in r["rule"]]
+    assert [r["fieldPath"] for r in gpu] == [
+        ".template.spec.containers",
+        ".template.spec.containers",
+        ".template.spec.initContainers",
+    ]
+    assert all("gpusPerWorker" in r["message"] for r in gpu)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ddl_operator.api import constants
 from ddl_operator.api.crd import CRD_PATHS
 from ddl_operator.core.render import pod_name
 from ddl_operator.observability import OPERATOR_SCRAPE_JOB, WORKER_POD_REGEX
@@ -192,3 +193,28 @@ def test_schema_covers_every_documented_value() -> None:
             if "$ref" in node:
                 node = schema["definitions"][node["$ref"].rsplit("/", 1)[-1]]
         assert node, key
+
+
+# ---- the workers' reach -------------------------------------------------------------------
+
+
+def test_worker_policy_guards_the_annotation_the_agent_writes() -> None:
+    policy = (CHART / "templates" / "worker-policy.yaml").read_text()
+    assert policy.count(f"'{constants.ANNOTATION_REPORT}'") == 2
+    assert "kind: ValidatingAdmissionPolicy\n" in policy
+    assert "kind: ValidatingAdmissionPolicyBinding\n" in policy
+    assert "validationActions: [Deny]" in policy and "failurePolicy: Fail" in policy
+    # What the API server adds to a pod-bound token (kubelet's projected token, TokenRequest).
+    for extra in ("pod-uid", "pod-name"):
+        assert f"'authentication.kubernetes.io/{extra}'" in policy
+    assert "request.userInfo.username.endsWith(':{{ .Values.worker.serviceAccountName }}')" in (
+        policy
+    )
+
+
+def test_worker_role_patches_pods_and_reads_nothing_of_them() -> None:
+    """The agent only annotates its own pod (ddl_worker.kube); it never reads pods."""
+    agent = (REPO / "worker" / "ddl_worker" / "kube.py").read_text()
+    assert "patch_namespaced_pod(" in agent and "read_namespaced_pod" not in agent
+    role = (CHART / "templates" / "worker-rbac.yaml").read_text()
+    assert '    resources: ["pods"]\n    verbs: ["patch"]\n' in role

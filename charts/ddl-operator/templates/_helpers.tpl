@@ -55,6 +55,11 @@ app.kubernetes.io/component: operator
 {{- printf "%s-worker" (include "ddl-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The ValidatingAdmissionPolicy (and its binding) that keeps workers to their own pod. */}}
+{{- define "ddl-operator.workerPolicy" -}}
+{{- printf "%s-worker-own-pod" (include "ddl-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{/* Operator image reference: digest wins over tag; tag defaults to appVersion. */}}
 {{- define "ddl-operator.image" -}}
 {{- if .Values.image.digest }}

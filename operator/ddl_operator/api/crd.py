@@ -15,7 +15,14 @@ from typing import Any
 import yaml
 
 from ddl_operator.api import constants as c
-from ddl_operator.api.models import DDLJobSpec, DDLJobStatus
+from ddl_operator.api.models import MAX_REPLICAS, DDLJobSpec, DDLJobStatus
+from ddl_operator.core.render import pod_name
+from ddl_operator.core.validate import (
+    DNS_1035_LABEL,
+    DNS_LABEL_MAX,
+    SLOT_FACTOR,
+    max_job_name_length,
+)
 
 # Keys pydantic emits that a Kubernetes structural schema does not accept.
 _DROPPED_KEYS = {"title", "$defs"}
@@ -35,6 +42,8 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
         return [_resolve(item, defs) for item in node]
     if not isinstance(node, dict):
         return node
+    if node.get("x-kubernetes-int-or-string"):
+        return dict(node)  # its anyOf [integer, string] is the one Kubernetes accepts
     if "$ref" in node:
         target = defs[node["$ref"].rsplit("/", 1)[-1]]
         merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
@@ -82,6 +91,60 @@ def _drop_defaults(node: Any) -> Any:
     return node
 
 
+def _workers(obj: str) -> str:
+    """CEL: the most workers a job can have (its slots' upper bound is derived from this)."""
+    spec = f"{obj}.spec"
+    return (
+        f"(has({spec}.elastic) && {spec}.elastic.maxReplicas > {spec}.replicas"
+        f" ? {spec}.elastic.maxReplicas : {spec}.replicas)"
+    )
+
+
+def _name_limit(obj: str) -> str:
+    """CEL twin of `validate.max_job_name_length`: the longest name whose worker hostnames
+    `{name}-worker-{slot}` fit a DNS label for every slot below SLOT_FACTOR x the workers."""
+    room = DNS_LABEL_MAX - len(pod_name("", 0)) + len("0")  # for the name and the slot
+    return f"({room} - size(string({SLOT_FACTOR} * {_workers(obj)} - 1)))"
+
+
+def object_rules() -> list[dict[str, Any]]:
+    """Rules on the whole object (the root schema): the job's name becomes the children's.
+
+    The name is the headless Service's name (a DNS-1035 label), the job label's value and the
+    prefix of every worker's hostname. Both rules ratchet (optionalOldSelf): an object stored
+    before them stays writable, so the operator can still report on it. Messages are static:
+    a messageExpression that prints numbers costs more than the API server allows.
+    """
+    fits = f"size(self.metadata.name) <= {_name_limit('self')}"
+    fitted = f"size(oldSelf.value().metadata.name) <= {_name_limit('oldSelf.value()')}"
+    hostname = f"{pod_name('<name>', 0)[:-1]}<slot>"
+    limits = ", ".join(
+        f"{max_job_name_length(workers)} for up to {workers}" for workers in (10, 100, 1000)
+    )
+    return [
+        {
+            "rule": f"oldSelf.hasValue() || self.metadata.name.matches('{DNS_1035_LABEL}')",
+            "message": "must be a DNS-1035 label (lowercase letters, digits and '-', starting "
+            "with a letter and ending with a letter or digit): it names the job's headless "
+            "Service",
+            "fieldPath": ".metadata.name",
+            "reason": "FieldValueInvalid",
+            "optionalOldSelf": True,
+        },
+        {
+            "rule": f"{fits} || (oldSelf.hasValue() && !({fitted}))",
+            "message": f"too long for the job's size: worker hostnames {hostname} must fit "
+            f"{DNS_LABEL_MAX} characters for every slot below {SLOT_FACTOR} x the most "
+            f"workers (replicas or elastic.maxReplicas), so a name may have "
+            f"{max_job_name_length(1)} characters for 1 worker, {limits}, "
+            f"{max_job_name_length(MAX_REPLICAS)} for up to {MAX_REPLICAS} workers",
+            "fieldPath": ".metadata.name",
+            "reason": "FieldValueInvalid",
+            "optionalOldSelf": True,
+        },
+    ]
+
+
 def build_crd() -> dict[str, Any]:
     """The full CRD object."""
     spec_schema = _schema_of(DDLJobSpec)
@@ -109,10 +172,15 @@ def build_crd() -> dict[str, Any]:
                 "properties": {
                     "apiVersion": {"type": "string"},
                     "kind": {"type": "string"},
-                    "metadata": {"type": "object"},
+                    # Declared so the rules below can point at it; a label value's limit.
+                    "metadata": {
+                        "type": "object",
+                        "properties": {"name": {"type": "string", "maxLength": DNS_LABEL_MAX}},
+                    },
                     "spec": spec_schema,
                     "status": status_schema,
                 },
+                "x-kubernetes-validations": object_rules(),
             }
         },
         "subresources": {
@@ -221,6 +289,8 @@ def render_reference() -> str:
             for name, sub in node.get("properties", {}).items():
                 rules(sub, f"{path}.{name}" if path else name)
 
+    for rule in version["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]:
+        lines.append(f"- `metadata.name` {rule['message']} — `{rule['rule']}`")
     rules(root["spec"], "")
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -15,6 +15,10 @@ LABEL_KEY_PATTERN = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
+
+
+# The most workers a job may have (replicas, elastic bounds).
+MAX_REPLICAS: Final = 10000
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
@@ -48,8 +52,10 @@ class Elastic(ApiModel):
         }
     )
 
-    min_replicas: int = Field(ge=1, description="Fewest workers the job runs with.")
-    max_replicas: int = Field(ge=1, description="Most workers the job grows to.")
+    min_replicas: int = Field(
+        ge=1, le=MAX_REPLICAS, description="Fewest workers the job runs with."
+    )
+    max_replicas: int = Field(ge=1, le=MAX_REPLICAS, description="Most workers the job grows to.")
     rendezvous_timeout_seconds: int = Field(
         default=300,
         ge=10,
@@ -149,37 +155,134 @@ def _default_of(model: type[ApiModel]) -> JsonDict:
     return {"default": default}
 
 
+def _open_object(**properties: Any) -> dict[str, Any]:
+    """An object whose listed fields are typed and whose other fields pass through as-is."""
+    out: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    if properties:
+        out["properties"] = properties
+    return out
+
+
+def _list_of(item: dict[str, Any], max_items: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "array", "items": item}
+    if max_items is not None:
+        out["maxItems"] = max_items
+    return out
+
+
+def _named(*required: str, **properties: Any) -> dict[str, Any]:
+    """A list item with a non-empty name (env vars, volumes, containers, gates)."""
+    out = _open_object(name=_NAME, **properties)
+    out["required"] = ["name", *required]
+    return out
+
+
+_STRING = {"type": "string"}
+# At most a qualified name (a gate's may be prefixed); bounded, CEL may compare them.
+_NAME = {"type": "string", "minLength": 1, "maxLength": 317}
+_STRING_MAP = {"type": "object", "additionalProperties": _STRING}
+# A resource.Quantity, as controller-gen writes it for a ResourceList.
+_QUANTITY = {
+    "anyOf": [{"type": "integer"}, {"type": "string"}],
+    "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+    "x-kubernetes-int-or-string": True,
+}
+_RESOURCE_LIST = {"type": "object", "maxProperties": 64, "additionalProperties": _QUANTITY}
+_RESOURCES = _open_object(limits=_RESOURCE_LIST, requests=_RESOURCE_LIST)
+_IMAGE = {"type": "string", "minLength": 1}
+# Bounds that keep the CEL rules over containers inside the API server's cost budget; a pod
+# with more containers than this is not a training worker.
+MAX_CONTAINERS: Final = 32
+
+# The fields the operator reads or extends are typed, so a template the renderer cannot use
+# (say `env: "X"`) is refused at `kubectl apply`; everything else passes to the pod unchanged
+# and the pod's own validation applies when the operator creates it.
 _TEMPLATE_SCHEMA: dict[str, Any] = {
-    "type": "object",
+    **_open_object(
+        metadata=_open_object(labels=_STRING_MAP, annotations=_STRING_MAP),
+        spec={
+            **_open_object(
+                containers={
+                    **_list_of(
+                        _named(
+                            "image",
+                            image=_IMAGE,
+                            env=_list_of(_named()),
+                            ports=_list_of(_open_object()),
+                            volumeMounts=_list_of(_open_object(name=_STRING, mountPath=_STRING)),
+                            resources=_RESOURCES,
+                        ),
+                        MAX_CONTAINERS,
+                    ),
+                    "minItems": 1,
+                },
+                initContainers=_list_of(
+                    _named("image", image=_IMAGE, resources=_RESOURCES), MAX_CONTAINERS
+                ),
+                schedulingGates=_list_of(_named()),
+                volumes=_list_of(_named()),
+                tolerations=_list_of(_open_object()),
+                nodeSelector=_STRING_MAP,
+                hostname=_STRING,
+                subdomain=_STRING,
+                serviceAccountName=_STRING,
+            ),
+            "required": ["containers"],
+        },
+    ),
     "description": (
         "Pod template of a worker (the user's container). Standard PodTemplateSpec. The "
         "operator adds a scheduling gate, restartPolicy Never, hostname and subdomain, the "
         "rendezvous env, a metrics port, the GPU limit, and a memory-backed /dev/shm (the "
         "ranks of a worker share memory) unless the first container mounts its own."
     ),
-    "x-kubernetes-preserve-unknown-fields": True,
     "required": ["spec"],
-    "properties": {
-        "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        "spec": {
-            "type": "object",
-            "x-kubernetes-preserve-unknown-fields": True,
-            "required": ["containers"],
-            "properties": {
-                "containers": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "x-kubernetes-preserve-unknown-fields": True,
-                        "required": ["name"],
-                        "properties": {"name": {"type": "string", "minLength": 1}},
-                    },
-                }
-            },
-        },
-    },
 }
+
+
+def _asks_gpus(container: str) -> str:
+    """CEL: the container's resources name nvidia.com/gpu (as a limit or a request)."""
+    return " || ".join(
+        f"(has({container}.resources) && has({container}.resources.{kind})"
+        f" && '{c.GPU_RESOURCE}' in {container}.resources.{kind})"
+        for kind in ("limits", "requests")
+    )
+
+
+def _gpu_rules() -> list[JsonDict]:
+    """GPUs come from one place, gpusPerWorker: the operator sets the first container's
+    nvidia.com/gpu from it. The template may repeat the same number, nothing else, and no other
+    container may ask for GPUs (placement counts gpusPerWorker per worker, nothing more)."""
+    first = "self.template.spec.containers[0]"
+    same = " && ".join(
+        f"(!has({first}.resources) || !has({first}.resources.{kind})"
+        f" || !('{c.GPU_RESOURCE}' in {first}.resources.{kind})"
+        f" || string({first}.resources.{kind}['{c.GPU_RESOURCE}']) == string(self.gpusPerWorker))"
+        for kind in ("limits", "requests")
+    )
+    return [
+        cel(
+            same,
+            f"containers[0].resources: {c.GPU_RESOURCE} must equal gpusPerWorker or be left "
+            "out; the operator sets it from gpusPerWorker",
+            ".template.spec.containers",
+        ),
+        cel(
+            "self.template.spec.containers.all(x, x.name == self.template.spec.containers[0].name"
+            f" || !({_asks_gpus('x')}))",
+            f"only the first container gets GPUs (gpusPerWorker); another container must not "
+            f"ask for {c.GPU_RESOURCE}",
+            ".template.spec.containers",
+        ),
+        cel(
+            "!has(self.template.spec.initContainers)"
+            f" || self.template.spec.initContainers.all(x, !({_asks_gpus('x')}))",
+            f"init containers must not ask for {c.GPU_RESOURCE}; the worker's GPUs come from "
+            "gpusPerWorker",
+            ".template.spec.initContainers",
+        ),
+    ]
 
 
 class DDLJobSpec(ApiModel):
@@ -200,11 +303,12 @@ class DDLJobSpec(ApiModel):
                     "processesPerWorker must equal gpusPerWorker on GPU jobs (one process per GPU)",
                     ".processesPerWorker",
                 ),
+                *_gpu_rules(),
             ]
         }
     )
 
-    replicas: int = Field(ge=1, le=10000, description="Desired workers (pods).")
+    replicas: int = Field(ge=1, le=MAX_REPLICAS, description="Desired workers (pods).")
     elastic: Elastic | None = Field(
         default=None, description="Elastic range; unset means a fixed-size job."
     )
