@@ -146,11 +146,11 @@ def apply(model: Model, mine: Checkpointer, op: Op) -> None:
     # Damaged files among the newest K are set aside, never deleted; older ones may go.
     newest = sorted(counted)[-model.keep :]
     threshold = newest[0] if len(newest) == model.keep else -1
-    for step, data in list(model.damaged.items()):
+    for step, bad in list(model.damaged.items()):
         if step >= threshold:
-            assert model.preserved(step, data), f"damaged step {step} was lost"
-        if not mine.path(step).exists() or mine.path(step).read_bytes() != data:
-            model.damaged.pop(step)
+            assert model.preserved(step, bad), f"damaged step {step} was lost"
+        if not mine.path(step).exists() or mine.path(step).read_bytes() != bad:
+            model.damaged.pop(step)  # set aside or pruned: no longer at its name
 
 
 @settings(max_examples=100, deadline=None)

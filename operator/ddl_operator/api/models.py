@@ -130,9 +130,25 @@ class Allreduce(ApiModel):
 class Checkpoint(ApiModel):
     """Where and how often workers checkpoint; resumed from on every (re)start."""
 
-    path: str = Field(default="/ckpt", min_length=1, description="Directory for checkpoints.")
+    path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Directory for checkpoints, on a volume every worker mounts. Unset: "
+        "/ckpt/NAMESPACE/NAME, so jobs never share one unless they set the same path; "
+        "even then each resumes from and prunes only its own (file names and contents "
+        "carry the job's namespace and name).",
+    )
     every_steps: int = Field(default=100, ge=1, description="Checkpoint every N steps.")
-    keep: int = Field(default=3, ge=1, description="How many checkpoints to keep.")
+    keep: int = Field(
+        default=3,
+        ge=1,
+        description="How many checkpoints that verify to keep (damaged ones are moved aside, "
+        "not counted).",
+    )
+
+    def directory(self, namespace: str, name: str) -> str:
+        """The directory a job's workers checkpoint to: path, or the job's own under /ckpt."""
+        return self.path or f"/ckpt/{namespace}/{name}"
 
 
 class FailurePolicy(ApiModel):

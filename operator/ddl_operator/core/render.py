@@ -44,7 +44,7 @@ def worker_env(job: DDLJob) -> list[dict[str, Any]]:
     plain = {
         "DDL_JOB_NAME": job.metadata.name,
         "DDL_PROCS_PER_WORKER": str(spec.procs_per_worker),
-        "DDL_CHECKPOINT_DIR": spec.checkpoint.path,
+        "DDL_CHECKPOINT_DIR": spec.checkpoint.directory(job.metadata.namespace, job.metadata.name),
         "DDL_CHECKPOINT_EVERY": str(spec.checkpoint.every_steps),
         "DDL_CHECKPOINT_KEEP": str(spec.checkpoint.keep),
         "DDL_ALLREDUCE_ALGORITHM": spec.allreduce.algorithm,
