@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILE_SECONDS: Final = Histogram(
     "ddl_operator_reconcile_seconds", "Time of one reconcile pass of one job."
@@ -30,4 +30,14 @@ JOB_EPOCH: Final = Gauge(
 )
 JOB_RESTARTS: Final = Gauge(
     "ddl_operator_job_restarts", "Gang restarts of a job so far.", ["namespace", "job"]
+)
+CACHE_RELISTS: Final = Counter(
+    "ddl_operator_cache_relists_total",
+    "Full lists the node/pod cache made (the first, then one per expired watch).",
+    ["kind"],
+)
+CACHE_WATCH_ERRORS: Final = Counter(
+    "ddl_operator_cache_watch_errors_total",
+    "Node/pod watches of the cache that broke (connection, timeout, server error).",
+    ["kind"],
 )

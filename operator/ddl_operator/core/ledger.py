@@ -10,7 +10,7 @@ event for the same pod (same uid) charging the same node confirms them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -369,10 +369,10 @@ def _confirms(observed: PodCharge | None, assumed: PodCharge) -> bool:
 
 def free_nodes(
     facts: Iterable[NodeFacts],
-    ledger: Ledger,
+    usage: Mapping[str, int],
     tolerations: Sequence[Mapping[str, Any]] = (),
     node_selector: Mapping[str, str] | None = None,
-) -> Iterator[NodeInfo]:
-    """Every node with its GPUs in use, as one job's placement sees it."""
-    for f in facts:
-        yield node_info(f, ledger.used(f.name), tolerations, node_selector)
+) -> list[NodeInfo]:
+    """Every node with the GPUs in use on it (`usage`: a ledger's totals), as one job's
+    placement sees it."""
+    return [node_info(f, usage.get(f.name, 0), tolerations, node_selector) for f in facts]

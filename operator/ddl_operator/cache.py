@@ -1,0 +1,346 @@
+"""Nodes and GPU usage in memory, kept current by list-then-watch (client-go's informer
+pattern), so a reconcile pass reads free capacity without listing the cluster.
+
+Two watches, each on its own thread: every node, and every pod that has not finished
+(`status.phase!=Succeeded,status.phase!=Failed`, server-side; a pod that finishes leaves the
+watch as a DELETED event). GPU requests cannot be selected server-side, so each pod event is
+parsed as plain JSON (never into client models) and reduced at once to what accounting needs
+(core/ledger.py); pods without GPUs are not kept at all. Lists are paged, and a watch resumes
+from the last resourceVersion it saw; on 410 Gone it relists. Callbacks tell the controller
+which jobs an event may concern; they run on the watch threads and must only enqueue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from ddl_operator import metrics
+from ddl_operator.core.ledger import (
+    Change,
+    JobKey,
+    Ledger,
+    NodeFacts,
+    PodCharge,
+    PodKey,
+    free_nodes,
+    node_facts,
+    pod_charge,
+    pod_key,
+    worker_job,
+)
+from ddl_operator.core.topology import NodeInfo
+
+log = logging.getLogger(__name__)
+
+ACTIVE_PODS: Final = "status.phase!=Succeeded,status.phase!=Failed"
+PAGE_SIZE: Final = 500
+WATCH_SECONDS: Final = 300  # the server ends a watch after this; the cache resumes it
+CALL_TIMEOUT: Final = (5.0, 30.0)
+BACKOFF_SECONDS: Final = (0.5, 30.0)  # first and largest wait after a failed list or watch
+
+
+class _Gone(Exception):
+    """The resourceVersion is too old to resume from (410): relist."""
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+@dataclass
+class Callbacks:
+    """What the controller wants to hear. All run on a watch thread."""
+
+    node_changed: Callable[[str], None] = _nothing  # facts of a node changed (or it came/went)
+    capacity_freed: Callable[[frozenset[str]], None] = _nothing  # GPUs on these nodes freed
+    worker_event: Callable[[JobKey], None] = _nothing  # a pod labelled as a job's worker moved
+    relisted: Callable[[str], None] = _nothing  # a relist after the first: events were missed
+
+
+@dataclass
+class _Stream:
+    """One list+watch loop."""
+
+    kind: str
+    list_fn: Callable[..., Any]
+    selectors: Mapping[str, str]
+    synced: threading.Event = field(default_factory=threading.Event)
+    relists: int = 0
+    response: Any = None  # the open watch, so stop() can close it
+
+
+class ClusterCache:
+    """Informer-style cache of nodes and of GPUs held per node, with assumed reservations."""
+
+    def __init__(
+        self,
+        core: client.CoreV1Api,
+        callbacks: Callbacks | None = None,
+        page_size: int = PAGE_SIZE,
+        watch_seconds: int = WATCH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.core = core
+        self.callbacks = callbacks or Callbacks()
+        self.page_size = page_size
+        self.watch_seconds = watch_seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._nodes: dict[str, NodeFacts] = {}
+        self._ledger = Ledger()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._streams = {
+            "nodes": _Stream("nodes", core.list_node, {}),
+            "pods": _Stream(
+                "pods", core.list_pod_for_all_namespaces, {"field_selector": ACTIVE_PODS}
+            ),
+        }
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for stream in self._streams.values():
+            thread = threading.Thread(
+                target=self._run, args=(stream,), name=f"cache-{stream.kind}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        for stream in self._streams.values():
+            _interrupt(stream.response)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    @property
+    def synced(self) -> bool:
+        return all(s.synced.is_set() for s in self._streams.values())
+
+    def wait_synced(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(
+            s.synced.wait(max(0.0, deadline - time.monotonic())) for s in self._streams.values()
+        )
+
+    def relists(self, kind: str) -> int:
+        """Lists made by one stream so far (the first one included)."""
+        return self._streams[kind].relists
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def node_infos(
+        self,
+        tolerations: Sequence[Mapping[str, Any]] = (),
+        node_selector: Mapping[str, str] | None = None,
+    ) -> list[NodeInfo]:
+        """Every node with the GPUs in use on it (assumed reservations included), as a job
+        with these tolerations and this nodeSelector sees it."""
+        with self._lock:
+            if self.synced:
+                self._ledger.expire(self.clock())
+            facts = list(self._nodes.values())
+            usage = self._ledger.usage()
+        return free_nodes(facts, usage, tolerations, node_selector)
+
+    def nodes(self) -> dict[str, NodeFacts]:
+        with self._lock:
+            return dict(self._nodes)
+
+    def usage(self) -> dict[str, int]:
+        with self._lock:
+            return self._ledger.usage()
+
+    def charges(self) -> dict[PodKey, PodCharge]:
+        """What the pod watch observed (assumptions left out)."""
+        with self._lock:
+            return self._ledger.observed()
+
+    def jobs_on(self, node: str) -> set[JobKey]:
+        with self._lock:
+            return self._ledger.jobs_on(node)
+
+    # -- reservations -------------------------------------------------------------------------
+
+    def assume(self, key: PodKey, charge: PodCharge) -> None:
+        """Count a placement now; the pod's event confirms it (see core/ledger.py)."""
+        with self._lock:
+            self._ledger.assume(key, charge, self.clock())
+
+    def forget(self, key: PodKey) -> None:
+        """Drop a reservation whose placement was not written."""
+        with self._lock:
+            change = self._ledger.forget(key)
+        self._announce(change)
+
+    # -- list and watch -----------------------------------------------------------------------
+
+    def _run(self, stream: _Stream) -> None:
+        """List, then watch from the list's resourceVersion; resume after errors, relist
+        after 410 Gone (client-go's reflector)."""
+        version: str | None = None
+        backoff = BACKOFF_SECONDS[0]
+        while not self._stopping.is_set():
+            try:
+                if version is None:
+                    version = self._relist(stream)
+                version = self._watch(stream, version)
+                backoff = BACKOFF_SECONDS[0]
+            except _Gone:
+                log.info("%s watch: resourceVersion %s expired; relisting", stream.kind, version)
+                version = None
+            except Exception as err:  # a broken connection, a timeout, a 5xx: wait, resume
+                if self._stopping.is_set():
+                    break
+                if isinstance(err, ApiException) and err.status == 410:
+                    version = None
+                    continue
+                log.warning("%s watch failed (%s); retrying in %.1fs", stream.kind, err, backoff)
+                metrics.CACHE_WATCH_ERRORS.labels(stream.kind).inc()
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_SECONDS[1])
+
+    def _relist(self, stream: _Stream) -> str:
+        items: list[Mapping[str, Any]] = []
+        charges: dict[PodKey, PodCharge] = {}
+        version = ""
+        token: str | None = None
+        while True:
+            response = stream.list_fn(
+                limit=self.page_size,
+                _continue=token,
+                _preload_content=False,
+                _request_timeout=CALL_TIMEOUT,
+                **stream.selectors,
+            )
+            try:
+                page = json.loads(response.data)
+            finally:
+                response.release_conn()
+            meta = page.get("metadata") or {}
+            version = str(meta.get("resourceVersion", ""))
+            token = meta.get("continue") or None
+            if stream.kind == "pods":
+                # Only the reduced form of a page's pods outlives the page.
+                charges.update(
+                    (key, charge)
+                    for key, charge in _reduced(page.get("items") or [])
+                    if charge is not None
+                )
+            else:
+                items.extend(page.get("items") or [])
+            if not token:
+                break
+        if stream.kind == "nodes":
+            self._replace_nodes(items)
+        else:
+            self._replace_pods(charges)
+        stream.relists += 1
+        metrics.CACHE_RELISTS.labels(stream.kind).inc()
+        if stream.synced.is_set():
+            self.callbacks.relisted(stream.kind)
+        stream.synced.set()
+        return version
+
+    def _watch(self, stream: _Stream, version: str) -> str:
+        response = stream.list_fn(
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.watch_seconds,
+            _preload_content=False,
+            _request_timeout=(CALL_TIMEOUT[0], self.watch_seconds + 30),
+            **stream.selectors,
+        )
+        stream.response = response
+        try:
+            for line in iter_resp_lines(response):
+                if self._stopping.is_set():
+                    break
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _Gone()
+                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                if kind == "BOOKMARK":
+                    continue
+                if stream.kind == "nodes":
+                    self._node_event(kind, obj)
+                else:
+                    self._pod_event(kind, obj)
+        finally:
+            stream.response = None
+            response.close()
+            response.release_conn()
+        return version
+
+    # -- applying events ----------------------------------------------------------------------
+
+    def _node_event(self, kind: str, obj: Mapping[str, Any]) -> None:
+        facts = node_facts(obj)
+        with self._lock:
+            if kind == "DELETED":
+                changed = self._nodes.pop(facts.name, None) is not None
+            else:
+                changed = self._nodes.get(facts.name) != facts
+                self._nodes[facts.name] = facts
+        if changed:  # heartbeats change nothing placement reads
+            self.callbacks.node_changed(facts.name)
+
+    def _pod_event(self, kind: str, obj: Mapping[str, Any]) -> None:
+        key = pod_key(obj)
+        with self._lock:
+            if kind == "DELETED":
+                uid = str((obj.get("metadata") or {}).get("uid", ""))
+                change = self._ledger.delete(key, uid)
+            else:
+                change = self._ledger.observe(key, pod_charge(obj))
+        self._announce(change)
+        job = worker_job(obj)
+        if job is not None:
+            self.callbacks.worker_event(job)
+
+    def _replace_nodes(self, items: list[Mapping[str, Any]]) -> None:
+        fresh = {f.name: f for f in map(node_facts, items)}
+        with self._lock:
+            old, self._nodes = self._nodes, fresh
+        for name in sorted(old.keys() | fresh.keys()):
+            if old.get(name) != fresh.get(name) and old:
+                self.callbacks.node_changed(name)
+
+    def _replace_pods(self, charges: Mapping[PodKey, PodCharge]) -> None:
+        with self._lock:
+            change = self._ledger.replace(charges)
+        self._announce(change)
+
+    def _announce(self, change: Change) -> None:
+        if change.freed:
+            self.callbacks.capacity_freed(change.freed)
+
+
+def _reduced(items: list[Mapping[str, Any]]) -> Iterator[tuple[PodKey, PodCharge | None]]:
+    for pod in items:
+        yield pod_key(pod), pod_charge(pod)
+
+
+def _interrupt(response: Any) -> None:
+    """Unblock a thread reading a watch: shut the socket down under it."""
+    if response is not None:
+        with contextlib.suppress(OSError):
+            response.shutdown()
