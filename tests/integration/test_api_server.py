@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
+from ddl_operator.api import constants as c
+from ddl_operator.core.validate import max_job_name_length
+
 from builders import DELETE, make_ddljob, set_path
 from kubetools import Kubectl
 
@@ -37,6 +40,10 @@ def test_examples_are_accepted_by_server_side_apply(kubectl: Kubectl, namespace:
         assert proc.returncode == 0, f"{path.name}: {proc.stderr}"
 
 
+TS = "spec.template.spec"
+C0 = f"{TS}.containers.0"  # a path to set
+F0 = f"{TS}.containers[0]"  # the same field as the API server names it
+GPU = c.GPU_RESOURCE
 # (case id, path to change, new value, text the API server's refusal must contain)
 INVALID: list[tuple[str, str, Any, str]] = [
     ("replicas-string", "spec.replicas", "four", "spec.replicas"),
@@ -70,7 +77,38 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("negative-restarts", "spec.failurePolicy.maxRestarts", -1, "spec.failurePolicy.maxRestarts"),
     ("unknown-field", "spec.replcias", 3, "replcias"),
     ("procs-differ-from-gpus", "spec.processesPerWorker", 3, "spec.processesPerWorker"),
-]
+    ("max-replicas-too-large", "spec.elastic", {"minReplicas": 1, "maxReplicas": 10001},
+     "spec.elastic.maxReplicas"),
+    # The job's name is its children's: job label value, Service name, hostname prefix.
+    ("name-longer-than-a-label", "metadata.name", "a" * 70, "metadata.name"),
+    ("name-with-a-dot", "metadata.name", "my.job", "metadata.name"),
+    ("name-starting-with-a-digit", "metadata.name", "1job", "metadata.name"),
+    ("name-too-long-for-hostnames", "metadata.name", "a" * 54, "metadata.name"),
+    # The template: what the operator reads or extends has its type; containers have images.
+    ("container-without-image", f"{C0}.image", DELETE, f"{F0}.image"),
+    ("empty-image", f"{C0}.image", "", f"{F0}.image"),
+    ("env-not-a-list", f"{C0}.env", "X", f"{F0}.env"),
+    ("env-without-name", f"{C0}.env", [{"value": "1"}], f"{F0}.env[0].name"),
+    ("volume-mounts-not-a-list", f"{C0}.volumeMounts", "x", f"{F0}.volumeMounts"),
+    ("ports-not-a-list", f"{C0}.ports", {"metrics": 1}, f"{F0}.ports"),
+    ("quantity-not-a-quantity", f"{C0}.resources", {"limits": {"cpu": "lots"}},
+     f"{F0}.resources.limits.cpu"),
+    ("labels-not-a-map", "spec.template.metadata.labels", ["a"], "spec.template.metadata.labels"),
+    ("label-value-not-a-string", "spec.template.metadata.labels", {"a": 1},
+     "spec.template.metadata.labels.a"),
+    ("gate-without-name", f"{TS}.schedulingGates", [{}], f"{TS}.schedulingGates[0].name"),
+    ("node-selector-not-a-map", f"{TS}.nodeSelector", ["a"], f"{TS}.nodeSelector"),
+    # GPUs come from gpusPerWorker (2 here) alone.
+    ("gpu-limit-differs", f"{C0}.resources", {"limits": {GPU: 4}}, f"{TS}.containers"),
+    ("gpu-request-differs", f"{C0}.resources", {"requests": {GPU: "1"}}, f"{TS}.containers"),
+    ("gpus-on-a-sidecar", f"{TS}.containers",
+     [{"name": "worker", "image": "w"},
+      {"name": "side", "image": "s", "resources": {"limits": {GPU: 1}}}],
+     f"{TS}.containers"),
+    ("gpus-on-an-init-container", f"{TS}.initContainers",
+     [{"name": "fetch", "image": "f", "resources": {"limits": {GPU: 1}}}],
+     f"{TS}.initContainers"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -143,3 +181,53 @@ def test_scale_changes_spec_replicas(kubectl: Kubectl, namespace: str) -> None:
     assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 6
     refused = kubectl.run("scale", "ddlj/elastic", "-n", namespace, "--replicas=9", check=False)
     assert refused.returncode != 0 and "spec.replicas" in refused.stderr
+
+
+def _accepted(kubectl: Kubectl, job: dict[str, Any]) -> bool:
+    proc = kubectl.run("create", "--dry-run=server", "-f", "-", input=json.dumps(job), check=False)
+    return proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("replicas", "most"), [(1, None), (2, None), (10, None), (2, 11), (64, 100), (2, 1000)]
+)
+def test_the_name_limit_follows_the_jobs_size(
+    kubectl: Kubectl, namespace: str, replicas: int, most: int | None
+) -> None:
+    """The longest name the API server takes is the one whose hostnames fit, for its size."""
+    elastic = {"min_replicas": 1, "max_replicas": most} if most else {}
+    limit = max_job_name_length(most or replicas)
+    for length, ok in ((limit, True), (limit + 1, False)):
+        job = make_ddljob(name="a" * length, replicas=replicas, namespace=namespace, **elastic)
+        assert _accepted(kubectl, job) == ok, (length, replicas, most)
+
+
+def test_growing_a_job_past_its_names_limit_is_refused(kubectl: Kubectl, namespace: str) -> None:
+    name = "a" * max_job_name_length(4)
+    job = make_ddljob(name=name, replicas=2, min_replicas=1, max_replicas=4, namespace=namespace)
+    assert kubectl.apply(job).returncode == 0
+    bigger = set_path(job, "spec.elastic.maxReplicas", 40)
+    proc = kubectl.apply(bigger)
+    assert proc.returncode != 0 and "metadata.name" in proc.stderr, proc.stderr
+
+
+def test_template_fields_the_schema_does_not_type_are_kept(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    """Typing the fields the operator reads prunes nothing else of the user's template."""
+    job = make_ddljob(name="kept", gpus=2, namespace=namespace)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    container.update(
+        workingDir="/opt/ddl",
+        securityContext={"runAsNonRoot": True},
+        env=[{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        resources={"limits": {GPU: 2, "memory": "4Gi"}, "requests": {GPU: "2", "cpu": 1}},
+        volumeMounts=[{"name": "data", "mountPath": "/data", "readOnly": True}],
+    )
+    job["spec"]["template"]["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
+    job["spec"]["template"]["spec"]["priorityClassName"] = "high"
+    assert kubectl.apply(job).returncode == 0
+    stored = kubectl.get_json("ddlj", "kept", "-n", namespace)["spec"]["template"]
+    assert stored["spec"]["containers"][0] == container
+    assert stored["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+    assert stored["spec"]["priorityClassName"] == "high"

@@ -167,6 +167,8 @@ def test_default_render(tmp_path: Path) -> None:
             "ClusterRole",
             "ClusterRole",
             "ClusterRoleBinding",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
             "Deployment",
             "Service",
             "ConfigMap",
@@ -202,6 +204,11 @@ def test_default_render(tmp_path: Path) -> None:
     assert selector.items() <= spec["template"]["metadata"]["labels"].items()
     (service,) = by_kind(docs, "Service")
     assert not SELECTOR_FORBIDDEN & set(service["spec"]["selector"])
+    (policy,) = by_kind(docs, "ValidatingAdmissionPolicy")
+    assert "endsWith(':ddl-worker')" in policy["spec"]["matchConditions"][0]["expression"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    (binding,) = by_kind(docs, "ValidatingAdmissionPolicyBinding")
+    assert "matchResources" not in binding["spec"]  # the operator serves every namespace
     for doc in docs:
         if doc["kind"] != "CustomResourceDefinition":
             assert doc["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
@@ -241,6 +248,16 @@ def test_custom_render(tmp_path: Path) -> None:
     (cluster_role,) = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"] == name]
     resources = {res for rule in cluster_role["rules"] for res in rule["resources"]}
     assert resources == {"nodes", "customresourcedefinitions"}
+    # The workers' policy: the chart's worker account, in the namespaces it gives one to.
+    (policy,) = by_kind(docs, "ValidatingAdmissionPolicy")
+    (binding,) = by_kind(docs, "ValidatingAdmissionPolicyBinding")
+    assert policy["metadata"]["name"] == binding["spec"]["policyName"] == f"{name}-worker-own-pod"
+    (match,) = policy["spec"]["matchConditions"]
+    assert "endsWith(':trainer')" in match["expression"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}
+    ]
     (container,) = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "registry.example/ml/ddl-operator:0.1.0-test"
     assert container["args"] == [
@@ -362,6 +379,7 @@ def test_rbac_is_enough_and_no_more(
         for verb, resource in [("watch", "ddljobs.ddl-operator.dev"), ("patch", "pods")]:
             assert can(worker, verb, resource, job_ns), f"worker cannot {verb} {resource}"
         for verb, resource in [
+            ("get", "pods"),
             ("create", "pods"),
             ("delete", "pods"),
             ("patch", "ddljobs.ddl-operator.dev"),

@@ -263,13 +263,16 @@ def test_invalid_status_says_it_once_and_stays_put() -> None:
     assert condition.status == "True" and condition.message == f"{C0}.env: must be a list"
     assert first.message == condition.message and first.observed_generation == 3
     assert event is not None and event.type == "Warning" and f"{C0}.env" in event.message
-    # The next pass sees the same problem: the same status (so no write) and no event.
+    # The next pass reads the written status and sees the same problem; its draft may have
+    # been rebuilt without the condition. Same status (so no write), no event.
+    written = job.model_copy(update={"status": first})
     later = NOW + dt.timedelta(minutes=5)
-    second, again = invalid_status(job, first, errors, later)
+    rebuilt = first.model_copy(update={"conditions": []})
+    second, again = invalid_status(written, rebuilt, errors, later)
     assert second == first and again is None
     # A different problem is news; the condition keeps its transition time.
     other = [FieldError("metadata.name", "too long")]
-    third, news = invalid_status(job, second, other, later, CHILD_REFUSED)
+    third, news = invalid_status(written, rebuilt, other, later, CHILD_REFUSED)
     (changed,) = [x for x in third.conditions if x.type == CONDITION]
     assert news is not None and changed.reason == CHILD_REFUSED
     assert changed.last_transition_time == condition.last_transition_time

@@ -252,38 +252,37 @@ def _pod_field_on_job(pod_field: str, message: str, job: DDLJob) -> str:
 
 def invalid_status(
     job: DDLJob,
-    status: DDLJobStatus,
+    draft: DDLJobStatus,
     errors: Sequence[FieldError],
     now: dt.datetime,
     reason: str = UNUSABLE_TEMPLATE,
 ) -> tuple[DDLJobStatus, Event | None]:
-    """`status` with the InvalidSpec condition set, and the event to post when it is news.
+    """`draft` with the InvalidSpec condition set, and the event to post when it is news.
 
-    The condition's time and the event change only when the reasons do, so a job that stays
-    invalid costs no writes: the operator looks again when the job changes.
+    News is judged against the job's written status (the draft may have been rebuilt without
+    the condition): the condition's time and the event change only when the reasons do, so a
+    job that stays invalid costs no writes, and the operator looks again when the job changes.
     """
     message = "; ".join(str(e) for e in errors)[:1024]
-    previous = next((x for x in status.conditions if x.type == CONDITION), None)
+    previous = next((x for x in job.status.conditions if x.type == CONDITION), None)
+    held = previous is not None and previous.status == "True"
     stamp = now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    same = previous is not None and previous.status == "True" and previous.message == message
     condition = Condition(
         type=CONDITION,
         status="True",
         reason=reason,
         message=message,
-        last_transition_time=previous.last_transition_time
-        if previous is not None and previous.status == "True"
-        else stamp,
+        last_transition_time=previous.last_transition_time if previous and held else stamp,
     )
-    conditions = [x for x in status.conditions if x.type != CONDITION] + [condition]
-    updated = status.model_copy(
+    updated = draft.model_copy(
         update={
-            "conditions": conditions,
+            "conditions": [x for x in draft.conditions if x.type != CONDITION] + [condition],
             "message": message,
             "observed_generation": job.metadata.generation,
         }
     )
-    return updated, None if same else Event("Warning", CONDITION, message)
+    news = not (held and previous is not None and previous.message == message)
+    return updated, Event("Warning", CONDITION, message) if news else None
 
 
 __all__ = [

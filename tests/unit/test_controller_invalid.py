@@ -1,0 +1,126 @@
+"""One reconcile pass of the controller with an invalid spec, against a recording fake of the
+Kubernetes edge: the pass ends with an InvalidSpec status instead of an exception."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from ddl_operator import controller
+from ddl_operator.api.models import DDLJob
+from ddl_operator.core.reconcile import Plan
+from ddl_operator.core.topology import NodeInfo
+from ddl_operator.core.validate import CHILD_REFUSED, CONDITION, UNUSABLE_TEMPLATE
+from ddl_operator.kube import Snapshot
+
+from builders import make_ddljob, set_path
+
+
+class FakeKube:
+    """Serves one snapshot; records plans; refuses pod creation with `refusal` if set."""
+
+    def __init__(self, manifest: dict[str, Any], refusal: dict[str, Any] | None = None) -> None:
+        body = {**manifest, "metadata": {"name": "job", "namespace": "ml", "uid": "u-1"}}
+        self.snap = Snapshot(
+            job=DDLJob.model_validate(body),
+            body=body,
+            pods=[],
+            nodes=[
+                NodeInfo(name="n0", labels={"kubernetes.io/hostname": "n0"}, allocatable=8, used=0)
+            ],
+        )
+        self.refusal = refusal
+        self.applied: list[Plan] = []
+
+    def snapshot(self, namespace: str, name: str) -> Snapshot:
+        return self.snap
+
+    def apply(self, snap: Snapshot, plan: Plan, identity: Any = None) -> None:
+        if plan.create and self.refusal is not None:
+            err = client.ApiException(status=422, reason="Unprocessable Entity")
+            err.body = json.dumps(self.refusal)
+            raise err
+        self.applied.append(plan)
+
+
+class FakeCache:
+    """The node cache, synced and holding no reservations."""
+
+    synced = True
+
+    def forget(self, key: Any) -> None:
+        pass
+
+    def assume(self, key: Any, charge: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def kube(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKube]:
+    fake = FakeKube(*request.param)
+    monkeypatch.setattr(controller, "KUBE", fake)
+    monkeypatch.setattr(controller, "CACHE", FakeCache(), raising=False)
+    yield fake
+
+
+def _invalid(plan: Plan) -> str:
+    (condition,) = [x for x in plan.status.conditions if x.type == CONDITION]
+    return f"{condition.reason}: {condition.message}"
+
+
+UNUSABLE = set_path(make_ddljob(), "spec.template.spec.containers.0.env", "X")
+MOUNT = set_path(
+    make_ddljob(),
+    "spec.template.spec.containers.0.volumeMounts",
+    [{"name": "d", "mountPath": "/d"}],
+)
+POD_REFUSED = {
+    "kind": "Status",
+    "code": 422,
+    "reason": "Invalid",
+    "message": 'Pod "job-worker-0" is invalid',
+    "details": {
+        "kind": "Pod",
+        "name": "job-worker-0",
+        "causes": [
+            {"field": "spec.containers[0].volumeMounts[0].name", "message": 'Not found: "d"'}
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("kube", [(UNUSABLE,)], indirect=True)
+def test_an_unusable_template_is_reported_not_raised(kube: FakeKube) -> None:
+    assert controller.reconcile_job(("ml", "job")) is None  # looked at again when it changes
+    (plan,) = kube.applied
+    assert not plan.create and not plan.place and not plan.delete
+    assert _invalid(plan) == (
+        f"{UNUSABLE_TEMPLATE}: spec.template.spec.containers[0].env: "
+        "must be a list, not the string 'X'"
+    )
+    assert [e.reason for e in plan.events] == [CONDITION]
+
+
+@pytest.mark.parametrize("kube", [(MOUNT, POD_REFUSED)], indirect=True)
+def test_a_refused_worker_pod_is_reported_not_raised(kube: FakeKube) -> None:
+    assert controller.reconcile_job(("ml", "job")) is None
+    (plan,) = kube.applied
+    assert not plan.create  # the rest of the plan still applies
+    assert _invalid(plan).startswith(
+        f"{CHILD_REFUSED}: spec.template.spec.containers[0].volumeMounts[0].name: Not found"
+    )
+    assert CONDITION in [e.reason for e in plan.events]
+
+
+OTHER_REFUSED = {**POD_REFUSED, "details": {"kind": "ServiceAccount", "name": "ddl-worker"}}
+
+
+@pytest.mark.parametrize("kube", [(MOUNT, OTHER_REFUSED)], indirect=True)
+def test_a_refusal_that_is_not_the_specs_fault_still_raises(kube: FakeKube) -> None:
+    with pytest.raises(client.ApiException):
+        controller.reconcile_job(("ml", "job"))
+    assert kube.applied == []
