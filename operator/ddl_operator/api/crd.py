@@ -285,13 +285,26 @@ def render_reference() -> str:
     def rules(node: Any, path: str) -> None:
         if isinstance(node, dict):
             for rule in node.get("x-kubernetes-validations", []):
-                lines.append(f"- `{path or 'spec'}`: {rule['message']} — `{rule['rule']}`")
+                where = f"{path}{rule.get('fieldPath', '')}".lstrip(".") or "spec"
+                lines.append(f"- `{where}`: {rule['message']} — `{rule['rule']}`")
             for name, sub in node.get("properties", {}).items():
                 rules(sub, f"{path}.{name}" if path else name)
 
     for rule in version["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]:
         lines.append(f"- `metadata.name` {rule['message']} — `{rule['rule']}`")
     rules(root["spec"], "")
+    lines += [
+        "",
+        "## What the schema cannot check",
+        "",
+        "The template's fields the operator reads or extends are typed; the rest is the pod's "
+        "own business, checked when the operator creates a worker. When the API server refuses "
+        "a worker pod or the job's Service, or a stored spec cannot be rendered, the job gets "
+        "the condition `InvalidSpec` (reason `ChildRefused` or `UnusableTemplate`) whose "
+        "message names the job's field, e.g. `spec.template.spec.containers[0].volumeMounts"
+        '[0].name: Not found: "data"`, and one Warning event; the operator creates nothing '
+        "more until the job changes.",
+    ]
     return "\n".join(lines) + "\n"
 
 
