@@ -21,62 +21,8 @@ from ddl_operator.core.ledger import (
     tolerated,
     worker_job,
 )
-from ddl_operator.core.render import ANNOTATION_NODE
 
-
-def make_pod(
-    name: str = "p",
-    namespace: str = "ml",
-    node: str | None = None,
-    gpus: int | None = 8,
-    uid: str = "u1",
-    worker_of: str | None = None,
-    reserved_on: str | None = None,
-    init_gpus: int | None = None,
-) -> dict[str, Any]:
-    """A pod manifest as the API serves it; `worker_of` makes it one of our workers."""
-    meta: dict[str, Any] = {"name": name, "namespace": namespace, "uid": uid}
-    if worker_of:
-        meta["labels"] = {c.LABEL_JOB: worker_of, c.LABEL_ROLE: "worker"}
-        meta["ownerReferences"] = [
-            {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": worker_of, "controller": True}
-        ]
-    if reserved_on:
-        meta["annotations"] = {ANNOTATION_NODE: reserved_on}
-    spec: dict[str, Any] = {
-        "containers": [
-            {"name": "main", "resources": {"limits": {c.GPU_RESOURCE: str(gpus)}} if gpus else {}}
-        ]
-    }
-    if init_gpus is not None:
-        spec["initContainers"] = [
-            {"name": "init", "resources": {"requests": {c.GPU_RESOURCE: str(init_gpus)}}}
-        ]
-    if node:
-        spec["nodeName"] = node
-    return {"metadata": meta, "spec": spec, "status": {"phase": "Pending"}}
-
-
-def make_node(
-    name: str = "n1",
-    gpus: str = "8",
-    ready: str = "True",
-    taints: list[dict[str, str]] | None = None,
-    unschedulable: bool = False,
-    **labels: str,
-) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "labels": {c.LABEL_HOSTNAME: name, **labels}},
-        "spec": {"taints": taints or [], "unschedulable": unschedulable},
-        "status": {
-            "allocatable": {c.GPU_RESOURCE: gpus, "cpu": "64"},
-            "conditions": [
-                {"type": "MemoryPressure", "status": "False"},
-                {"type": "Ready", "status": ready},
-            ],
-        },
-    }
-
+from fakeapi import make_node, make_pod
 
 # -- what a pod holds -------------------------------------------------------------------------
 
