@@ -1,10 +1,13 @@
-"""kopf wiring: watch events feed a work queue; workers reconcile one job at a time.
+"""kopf wiring: watch events feed a work queue; workers reconcile jobs in parallel.
 
-kopf supplies the watches (with reconnects), the liveness endpoint and the process
-lifecycle. Every DDLJob, worker-pod and node event only enqueues the affected job keys;
-a small pool of workers takes keys off the queue, reads a fresh snapshot, runs the pure
-core and applies the plan. A key is never reconciled twice at once, and placement is
-serialised across jobs so two gangs never claim the same free GPUs.
+kopf supplies the DDLJob watch, the liveness endpoint and the process lifecycle; the cache
+(cache.py) watches nodes and unfinished pods itself, with server-side selectors, because
+kopf applies a handler's `labels=` filter client-side and would stream every pod in the
+cluster. Events only enqueue the job keys they may concern. A small pool of workers takes
+keys off the queue, reads the job and its own pods, takes free capacity from the cache,
+runs the pure core and applies the plan. A key is never reconciled twice at once; the one
+serialised step is claiming GPUs (decide on the cache's capacity, reserve in the cache), so
+two gangs never claim the same free GPUs while API calls of different jobs overlap.
 """
 
 from __future__ import annotations
@@ -12,21 +15,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
 
 from ddl_operator import metrics
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob, DDLJobStatus
+from ddl_operator.apiclient import load_client
+from ddl_operator.cache import Callbacks, ClusterCache
+from ddl_operator.core.ledger import PodCharge
 from ddl_operator.core.reconcile import Event, Plan, reconcile
+from ddl_operator.core.render import ANNOTATION_NODE
 from ddl_operator.core.validate import (
     CHILD_REFUSED,
     UNUSABLE_TEMPLATE,
@@ -103,9 +110,13 @@ class WorkQueue:
 
 QUEUE: WorkQueue | None = None
 KUBE: Kube | None = None
-PLACEMENT_LOCK = threading.Lock()
+CACHE: ClusterCache | None = None
+EXECUTOR: ThreadPoolExecutor | None = None
+# Held only while a pass decides on free capacity and reserves it in the cache.
+CLAIM_LOCK = threading.Lock()
 KNOWN_JOBS: set[JobKey] = set()
-NODE_DIGESTS: dict[str, str] = {}
+# Jobs that want GPUs they do not hold: freed capacity or a changed node may let them grow.
+PENDING_JOBS: set[JobKey] = set()
 TASKS: list[asyncio.Task[None]] = []
 
 
@@ -116,43 +127,74 @@ def _queue() -> WorkQueue:
 
 def reconcile_job(key: JobKey) -> float | None:
     """One pass for one job (runs in a thread). Returns when to look again, or None."""
-    assert KUBE is not None
-    namespace, name = key
     started = time.perf_counter()
-    with PLACEMENT_LOCK:
-        snap = KUBE.snapshot(namespace, name)
-        if snap is None:
-            KNOWN_JOBS.discard(key)
-            _forget_metrics(namespace, name)
-            return None
-        now = dt.datetime.now(dt.UTC)
-        errors = spec_errors(snap.job)
-        if errors:
-            # Nothing can be rendered: say which field, and wait for the job to change.
-            _refuse(snap, snap.job.status, errors, now, UNUSABLE_TEMPLATE, [])
-            return None
-        t0 = time.perf_counter()
-        plan = reconcile(
-            snap.job, snap.pods, snap.nodes, now, service_account=SETTINGS.worker_service_account
-        )
-        metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - t0)
-        identity = (
-            (SETTINGS.worker_service_account, SETTINGS.worker_cluster_role)
-            if SETTINGS.worker_service_account and SETTINGS.worker_cluster_role
-            else None
-        )
-        try:
-            KUBE.apply(snap, plan, identity)
-        except client.ApiException as err:
-            errors = _refused_children(err, snap.job)
-            if not errors:
-                raise
-            # The rest of the plan still applies (losses, placement of existing workers).
-            plan = replace(plan, create=[])
-            _refuse(snap, plan.status, errors, now, CHILD_REFUSED, plan.events, plan, identity)
-            return None
+    try:
+        return _pass(key)
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+
+def _pass(key: JobKey) -> float | None:
+    assert KUBE is not None and CACHE is not None
+    namespace, name = key
+    if not CACHE.synced:
+        return 1.0  # free capacity is unknown until the first lists are in
+    snap = KUBE.snapshot(namespace, name)
+    if snap is None:
+        KNOWN_JOBS.discard(key)
+        PENDING_JOBS.discard(key)
+        _forget_metrics(namespace, name)
+        return None
+    now = dt.datetime.now(dt.UTC)
+    errors = spec_errors(snap.job)
+    if errors:
+        # Nothing can be rendered: say which field, and wait for the job to change.
+        _refuse(snap, snap.job.status, errors, now, UNUSABLE_TEMPLATE, [])
+        return None
+    # Reservations of ours that an earlier pass made but could not write: these pods are
+    # still unplaced (this snapshot was read after that pass ended), so they hold nothing.
+    for pod in snap.pods:
+        if not pod.placed_on:
+            CACHE.forget((namespace, pod.name))
+    t0 = time.perf_counter()
+    plan = reconcile(
+        snap.job, snap.pods, snap.nodes, now, service_account=SETTINGS.worker_service_account
+    )
+    if plan.place:
+        # The serialised step: decide again on capacity read under the lock, and reserve
+        # what was chosen before the next job reads it; the API writes happen after.
+        with CLAIM_LOCK:
+            snap = replace(snap, nodes=KUBE.node_infos(snap.job))
+            plan = reconcile(
+                snap.job,
+                snap.pods,
+                snap.nodes,
+                now,
+                service_account=SETTINGS.worker_service_account,
+            )
+            _reserve(CACHE, snap, plan)
+    metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - t0)
+    identity = (
+        (SETTINGS.worker_service_account, SETTINGS.worker_cluster_role)
+        if SETTINGS.worker_service_account and SETTINGS.worker_cluster_role
+        else None
+    )
+    try:
+        KUBE.apply(snap, plan, identity)
+    except client.ApiException as err:
+        errors = _refused_children(err, snap.job)
+        if not errors:
+            raise
+        # The rest of the plan still applies (losses, placement of existing workers).
+        plan = replace(plan, create=[])
+        _refuse(snap, plan.status, errors, now, CHILD_REFUSED, plan.events, plan, identity)
+        return None
     status = plan.status
     pending = max(0, snap.job.spec.replicas - status.replicas) * snap.job.spec.gpus_per_worker
+    if pending or status.phase in ("Pending", "Placing", "Rescaling"):
+        PENDING_JOBS.add(key)
+    else:
+        PENDING_JOBS.discard(key)
     metrics.PENDING_GPUS.labels(namespace, name).set(pending)
     metrics.JOB_EPOCH.labels(namespace, name).set(status.epoch)
     metrics.JOB_RESTARTS.labels(namespace, name).set(status.restarts)
@@ -160,10 +202,23 @@ def reconcile_job(key: JobKey) -> float | None:
     _set_unschedulable(
         namespace, name, unsched.reason if unsched and unsched.status == "True" else None
     )
-    metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     for event in plan.events:
         log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
     return plan.requeue_after or None
+
+
+def _reserve(cache: ClusterCache, snap: Snapshot, plan: Plan) -> None:
+    """Count the workers this plan places on their nodes now (kube-scheduler's assume); the
+    pods' watch events confirm it, an expiry undoes what is never written."""
+    job = snap.job
+    namespace, name = job.metadata.namespace, job.metadata.name
+    gpus = job.spec.gpus_per_worker
+    if gpus <= 0:
+        return
+    for pod, patch in plan.place:
+        node = patch["metadata"]["annotations"][ANNOTATION_NODE]
+        charge = PodCharge(node, gpus, snap.uids.get(pod, ""), (namespace, name))
+        cache.assume((namespace, pod), charge)
 
 
 def _refused_children(err: client.ApiException, job: DDLJob) -> list[FieldError]:
@@ -221,10 +276,11 @@ def _forget_metrics(namespace: str, name: str) -> None:
 
 
 async def _worker(queue: WorkQueue) -> None:
+    loop = asyncio.get_running_loop()
     while True:
         key = await queue.get()
         try:
-            delay = await asyncio.to_thread(reconcile_job, key)
+            delay = await loop.run_in_executor(EXECUTOR, reconcile_job, key)
         except Exception:
             log.exception("reconcile of %s/%s failed; retrying", *key)
             delay = 5.0
@@ -262,9 +318,33 @@ def _count_phases() -> None:
 # -- kopf handlers ----------------------------------------------------------------------------
 
 
+def _callbacks(loop: asyncio.AbstractEventLoop, queue: WorkQueue) -> Callbacks:
+    """Cache events (on its watch threads) enqueue the jobs they may concern, on the loop."""
+
+    def enqueue(keys: set[JobKey]) -> None:
+        for key in keys:
+            queue.add(key)
+
+    def node_changed(node: str) -> None:
+        # Capacity or readiness changed: jobs waiting for GPUs, and jobs with a worker there.
+        assert CACHE is not None
+        loop.call_soon_threadsafe(enqueue, PENDING_JOBS | CACHE.jobs_on(node))
+
+    def capacity_freed(_nodes: frozenset[str]) -> None:
+        loop.call_soon_threadsafe(enqueue, set(PENDING_JOBS))
+
+    def worker_event(job: JobKey) -> None:
+        loop.call_soon_threadsafe(queue.add, job)
+
+    def relisted(_kind: str) -> None:
+        loop.call_soon_threadsafe(enqueue, set(KNOWN_JOBS))  # events were missed
+
+    return Callbacks(node_changed, capacity_freed, worker_event, relisted)
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    global QUEUE, KUBE
+    global QUEUE, KUBE, CACHE, EXECUTOR
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=c.GROUP, key="last-handled-configuration"
@@ -272,15 +352,26 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = f"{c.GROUP}/finalizer"
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    KUBE = Kube(client.ApiClient())
     QUEUE = WorkQueue()
     loop = asyncio.get_running_loop()
+    # The cache has a client (and connection pool) of its own, so its watches never wait
+    # for a connection that reconcile passes hold.
+    CACHE = ClusterCache(client.CoreV1Api(load_client()), _callbacks(loop, QUEUE))
+    CACHE.start()
+    KUBE = Kube(load_client(), CACHE)
+    EXECUTOR = ThreadPoolExecutor(SETTINGS.workers, thread_name_prefix="reconcile")
     TASKS.extend(loop.create_task(_worker(QUEUE)) for _ in range(SETTINGS.workers))
     TASKS.append(loop.create_task(_resync(QUEUE)))
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    for task in TASKS:
+        task.cancel()
+    if CACHE is not None:
+        await asyncio.to_thread(CACHE.stop)
+    if EXECUTOR is not None:
+        EXECUTOR.shutdown(wait=False, cancel_futures=True)
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
@@ -291,34 +382,3 @@ def job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
     else:
         KNOWN_JOBS.add(key)
     _queue().add(key)
-
-
-@kopf.on.event("v1", "pods", labels={c.LABEL_ROLE: "worker", c.LABEL_JOB: kopf.PRESENT})
-def worker_pod_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-    _queue().add((namespace or "", labels[c.LABEL_JOB]))
-
-
-@kopf.on.event("v1", "nodes")
-def node_event(type: str, name: str, body: kopf.Body, **_: Any) -> None:
-    """Capacity or readiness changed: every job may now fit, or have lost a worker."""
-    spec, status = body.get("spec", {}), body.get("status", {})
-    ready = [x.get("status") for x in status.get("conditions", []) if x.get("type") == "Ready"]
-    digest = hashlib.sha1(
-        repr(
-            (
-                type,
-                spec.get("unschedulable"),
-                spec.get("taints"),
-                ready,
-                status.get("allocatable"),
-                body.get("metadata", {}).get("labels"),
-            )
-        ).encode()
-    ).hexdigest()
-    if NODE_DIGESTS.get(name) == digest:
-        return  # a heartbeat, nothing that placement looks at
-    NODE_DIGESTS[name] = digest
-    if type == "DELETED":
-        NODE_DIGESTS.pop(name, None)
-    for key in list(KNOWN_JOBS):
-        _queue().add(key)

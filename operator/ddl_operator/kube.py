@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client
@@ -17,7 +17,8 @@ from kubernetes.client.rest import ApiException
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
-from ddl_operator.core.capacity import Container, OwnerRef, PodClaim, gpu_quantity, gpus_in_use
+from ddl_operator.cache import ClusterCache
+from ddl_operator.core.capacity import Container, OwnerRef, PodClaim, gpu_quantity
 from ddl_operator.core.reconcile import Event, Plan, WorkerPod
 from ddl_operator.core.render import ANNOTATION_NODE, LABEL_SLOT, headless_service
 from ddl_operator.core.topology import NodeInfo
@@ -33,13 +34,15 @@ class Snapshot:
     body: Mapping[str, Any]
     pods: list[WorkerPod]
     nodes: list[NodeInfo]
+    uids: Mapping[str, str] = field(default_factory=dict)  # pod name -> uid
 
 
 class Kube:
     """Thin typed wrapper over the API calls the operator makes."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, cache: ClusterCache) -> None:
         self.api = api
+        self.cache = cache
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
 
@@ -64,36 +67,22 @@ class Kube:
         raw_pods = self.core.list_namespaced_pod(
             namespace, label_selector=f"{c.LABEL_JOB}={name},{c.LABEL_ROLE}=worker"
         ).items
-        pods = [worker_pod_view(p) for p in raw_pods if _owned_by(p, job.metadata.uid)]
-        nodes = self.node_infos(job)
-        return Snapshot(job=job, body=body, pods=pods, nodes=nodes)
+        owned = [p for p in raw_pods if _owned_by(p, job.metadata.uid)]
+        return Snapshot(
+            job=job,
+            body=body,
+            pods=[worker_pod_view(p) for p in owned],
+            nodes=self.node_infos(job),
+            uids={p.metadata.name: p.metadata.uid for p in owned},
+        )
 
     def node_infos(self, job: DDLJob) -> list[NodeInfo]:
-        """Every node with its free GPUs, counting bound pods and pods we placed but the
-        scheduler has not bound yet (so two jobs never take the same GPUs)."""
-        used = gpus_in_use(
-            pod_claim(pod)
-            for pod in self.core.list_pod_for_all_namespaces(
-                field_selector="status.phase!=Succeeded,status.phase!=Failed"
-            ).items
-        )
+        """Every node with its free GPUs, from the cache (no listing): bound pods, and pods
+        we placed but the scheduler has not bound yet (so two jobs never take the same GPUs)."""
         pod_spec = job.spec.template.get("spec") or {}
-        tolerations = pod_spec.get("tolerations") or []
-        wanted = pod_spec.get("nodeSelector") or {}
-        return [
-            NodeInfo(
-                name=n.metadata.name,
-                labels=dict(n.metadata.labels or {}),
-                allocatable=gpu_quantity((n.status.allocatable or {}).get(c.GPU_RESOURCE, "0")),
-                used=used.get(n.metadata.name, 0),
-                ready=_ready(n),
-                # The template's nodeSelector and tolerations narrow where workers may go.
-                schedulable=not n.spec.unschedulable
-                and all((n.metadata.labels or {}).get(k) == v for k, v in wanted.items())
-                and all(_tolerated(t, tolerations) for t in (n.spec.taints or [])),
-            )
-            for n in self.core.list_node().items
-        ]
+        return self.cache.node_infos(
+            pod_spec.get("tolerations") or [], pod_spec.get("nodeSelector") or {}
+        )
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -286,23 +275,3 @@ def _container(container: Any) -> Container:
         gpus=gpu_quantity(requests.get(c.GPU_RESOURCE) or limits.get(c.GPU_RESOURCE) or 0),
         sidecar=getattr(container, "restart_policy", None) == "Always",
     )
-
-
-def _ready(node: Any) -> bool:
-    for cond in (node.status.conditions or []) if node.status else []:
-        if cond.type == "Ready":
-            return bool(cond.status == "True")
-    return False
-
-
-def _tolerated(taint: Any, tolerations: list[Mapping[str, Any]]) -> bool:
-    if taint.effect not in ("NoSchedule", "NoExecute"):
-        return True
-    for tol in tolerations:
-        if tol.get("effect") not in (None, "", taint.effect):
-            continue
-        if tol.get("operator") == "Exists" and tol.get("key") in (None, "", taint.key):
-            return True
-        if tol.get("key") == taint.key and tol.get("value", "") == (taint.value or ""):
-            return True
-    return False

@@ -9,6 +9,7 @@ from kubernetes import client
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
+from ddl_operator.cache import ClusterCache
 from ddl_operator.core.capacity import (
     Container,
     OwnerRef,
@@ -21,6 +22,7 @@ from ddl_operator.core.render import ANNOTATION_NODE, LABEL_SLOT
 from ddl_operator.kube import Kube, pod_claim, worker_pod_view
 
 from builders import make_ddljob
+from fakeapi import FakeCoreApi, as_manifest
 
 OWNER = OwnerRef(c.API_VERSION, c.KIND, "train", controller=True)
 WORKER_LABELS = {c.LABEL_JOB: "train", c.LABEL_ROLE: "worker"}
@@ -136,17 +138,6 @@ def _owner(name: str) -> client.V1OwnerReference:
     )
 
 
-class _FakeCore:
-    def __init__(self, pods: list[client.V1Pod], nodes: list[client.V1Node]) -> None:
-        self.pods, self.nodes = pods, nodes
-
-    def list_pod_for_all_namespaces(self, **_: Any) -> client.V1PodList:
-        return client.V1PodList(items=self.pods)
-
-    def list_node(self, **_: Any) -> client.V1NodeList:
-        return client.V1NodeList(items=self.nodes)
-
-
 def _node(name: str) -> client.V1Node:
     return client.V1Node(
         metadata=client.V1ObjectMeta(name=name, labels={c.LABEL_HOSTNAME: name}),
@@ -172,12 +163,19 @@ def test_a_strangers_reservation_annotation_does_not_fill_a_node() -> None:
         owners=[_owner("train")],
     )
     bound = _pod("web", namespace="elsewhere", node="node-c", gpus="2", limits_only=True)
-    kube = Kube.__new__(Kube)
-    kube.core = _FakeCore(
-        [stranger, ours, bound], [_node("node-a"), _node("node-b"), _node("node-c")]
+    api = FakeCoreApi(
+        nodes=[as_manifest(_node(n)) for n in ("node-a", "node-b", "node-c")],
+        pods=[as_manifest(p) for p in (stranger, ours, bound)],
     )
-    job = DDLJob.model_validate({**make_ddljob(gpus=8), "metadata": {"name": "train"}})
-    free = {n.name: n.free for n in kube.node_infos(job)}
+    cache = ClusterCache(api)
+    cache.start()
+    try:
+        assert cache.wait_synced(5)
+        kube = Kube(client.ApiClient(), cache)
+        job = DDLJob.model_validate({**make_ddljob(gpus=8), "metadata": {"name": "train"}})
+        free = {n.name: n.free for n in kube.node_infos(job)}
+    finally:
+        cache.stop()
     assert free == {"node-a": 8, "node-b": 0, "node-c": 6}
 
 
