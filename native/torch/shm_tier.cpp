@@ -352,7 +352,13 @@ void SharedMemoryTier::wait_at_least(std::uint32_t* word, std::uint32_t target, 
     }
     const timespec slice{0, kSleepNanos};
     syscall(SYS_futex, word, FUTEX_WAIT, seen, &slice, nullptr, 0);
-    if (exited(peer)) {
+    // Liveness first, then the word: a peer that stored its last value and then exited (it
+    // finished the collective first) is not a failure. Its store precedes its exit.
+    const bool gone = exited(peer);
+    if (reached(value.load(std::memory_order_acquire), target)) {
+      return;
+    }
+    if (gone) {
       fail("shared-memory tier: member " + std::to_string(peer) + " (pid " +
            std::to_string(identity(base_, size_, peer)->pid) + ") exited during a collective");
     }
