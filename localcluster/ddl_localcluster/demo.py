@@ -17,6 +17,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import yaml
 
 from ddl_localcluster import netns
 from ddl_localcluster.controlplane import REPO_ROOT, ControlPlane, binary, free_port
+from ddl_operator.api.constants import ANNOTATION_REPORT
 
 CLUSTER = REPO_ROOT / "examples" / "local-cluster.yaml"
 JOB = REPO_ROOT / "examples" / "demo-job.yaml"
@@ -277,6 +279,7 @@ class JobWatch:
 
 TERMINAL = ("Succeeded", "Failed")
 RACK = "topology.kubernetes.io/rack"
+REPORT = ANNOTATION_REPORT
 
 
 def membership(status: Mapping[str, Any]) -> dict[str, Any]:
@@ -332,85 +335,123 @@ def show_membership(rdzv: Mapping[str, Any]) -> bool:
     return packed
 
 
-REDONE = re.compile(
-    r"epoch (\d+) resumed from (?:checkpoint step (\d+)|step 0); "
-    r"epoch \d+ had reached step (\d+): (\d+) steps redone"
+TRAINING = re.compile(
+    r"training in epoch (\d+) from (?:checkpoint step (\d+)|step 0)"
+    r"(?:; epoch \d+ had reached step (\d+): (\d+) steps redone)?"
 )
 
 
-def resume_report(cp: ControlPlane, pod: str, epoch: int, timeout: float = 60) -> tuple[int, int]:
-    """(resumed step, steps redone) of epoch, from the agent's log line on pod (kubectl logs)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            log = kubectl(cp, "logs", pod)
-        except RuntimeError:
-            log = ""
-        for found in REDONE.finditer(log):
-            if int(found.group(1)) == epoch:
-                return int(found.group(2) or 0), int(found.group(4))
-        time.sleep(1)
-    raise RuntimeError(f"pod {pod} logged no resume line for epoch {epoch} in {timeout:.0f}s")
+@dataclass
+class Reform:
+    """From an action to training again: the memberships passed through, and what it cost."""
+
+    seconds: float
+    workers_by_epoch: dict[int, int]
+    rendezvous: dict[str, Any]
+    resumed_from: int
+    redone: int
+
+
+def pod_report(cp: ControlPlane, pod: str) -> dict[str, Any] | None:
+    """The agent's report annotation on pod (what the operator reads), or None."""
+    try:
+        meta = json.loads(kubectl(cp, "get", "pod", pod, "-o", "json"))["metadata"]
+        found: dict[str, Any] = json.loads(meta.get("annotations", {})[REPORT])
+    except (RuntimeError, KeyError, ValueError):
+        return None
+    return found
+
+
+def reformed(cp: ControlPlane, watch: JobWatch, after_epoch: int, timeout: float = 300) -> Reform:
+    """Until rank 0 trains in an epoch newer than after_epoch (its agent says so at once)."""
+    began = time.monotonic()
+    seen: dict[int, int] = {}
+    while time.monotonic() - began < timeout:
+        status = watch.poll()
+        rdzv = membership(status)
+        epoch = int(rdzv.get("epoch", 0))
+        if epoch > after_epoch:
+            seen[epoch] = int(rdzv["workers"])
+            leader = min(rdzv["members"], key=lambda m: int(m["rank"]))["pod"]
+            report = pod_report(cp, leader) or {}
+            found = TRAINING.match(str(report.get("message", "")))
+            if found and int(found.group(1)) == epoch:
+                return Reform(
+                    time.monotonic() - began,
+                    seen,
+                    rdzv,
+                    int(found.group(2) or 0),
+                    int(found.group(4) or 0),
+                )
+        if status.get("phase") in TERMINAL:
+            raise RuntimeError(f"job {watch.name} ended before it trained again: {status}")
+        time.sleep(0.5)
+    raise RuntimeError(f"no training after epoch {after_epoch} within {timeout:.0f}s")
+
+
+def racks_of(rdzv: Mapping[str, Any]) -> list[str]:
+    return sorted({m["domains"].get(RACK, "?") for m in rdzv["members"]})
 
 
 def tell_the_story(cp: ControlPlane, watch: JobWatch, name: str, every: int) -> bool:
     """Placement in one rack, growth across racks, a lost worker, regrowth; True if all held."""
-    packed = []
-    took = watch.until("the gang of 2 placed and running", running_with(2), 300)
-    rdzv = membership(watch.status)
-    racks = {m["domains"].get(RACK) for m in rdzv["members"]}
+    checks: list[bool] = []
+    start = reformed(cp, watch, 0)
+    rdzv = start.rendezvous
+    checks.append(rdzv["workers"] == 2 and len(racks_of(rdzv)) == 1)
     say(
-        f"placed and running in {took:.1f}s: 2 workers packed in {len(racks)} rack "
-        f"({', '.join(sorted(racks))})"
+        f"placed and training {start.seconds:.1f}s after the apply: {rdzv['workers']} workers "
+        f"packed in {', '.join(racks_of(rdzv))}"
     )
-    packed.append(show_membership(rdzv))
-    watch.train_for(6)
+    checks.append(show_membership(rdzv))
+    watch.train_for(5)
 
     say(f"kubectl scale ddlj/{name} --replicas=4")
     kubectl(cp, "scale", f"ddlj/{name}", "--replicas=4")
-    before = rdzv["epoch"]
-    took = watch.until("growth to 4 workers", running_with(4, before), 300)
-    rdzv = membership(watch.status)
-    racks = {m["domains"].get(RACK) for m in rdzv["members"]}
+    grown = reformed(cp, watch, rdzv["epoch"])
+    rdzv = grown.rendezvous
+    checks.append(rdzv["workers"] == 4 and len(racks_of(rdzv)) == 2)
     say(
-        f"grew to 4 workers across {len(racks)} racks at epoch {rdzv['epoch']}: "
-        f"re-formed in {took:.1f}s"
+        f"grew to {rdzv['workers']} workers across {len(racks_of(rdzv))} racks at epoch "
+        f"{rdzv['epoch']}: training again {grown.seconds:.1f}s after the scale, from checkpoint "
+        f"step {grown.resumed_from} ({grown.redone} steps redone)"
     )
-    packed.append(show_membership(rdzv))
-    watch.train_for(6)
+    checks.append(show_membership(rdzv))
+    watch.train_for(5)
 
     victim = max(rdzv["members"], key=lambda m: int(m["rank"]))
-    grown = rdzv["epoch"]
-    say(f"kubectl delete pod {victim['pod']} (rank {victim['rank']}, on {victim['node']})")
-    kubectl(cp, "delete", "pod", victim["pod"], "--wait=false")
-    took = watch.until(
-        "a re-form without the deleted worker",
-        lambda s: s.get("phase") == "Running" and membership(s).get("epoch", 0) > grown,
-        300,
-    )
-    rdzv = membership(watch.status)
-    leader = min(rdzv["members"], key=lambda m: int(m["rank"]))["pod"]
-    resumed, redone = resume_report(cp, leader, rdzv["epoch"])
-    verb = "shrank to" if rdzv["workers"] < 4 else "re-formed with"
+    node = victim["node"]
     say(
-        f"{verb} {rdzv['workers']} workers at epoch {rdzv['epoch']} in {took:.1f}s: resumed from "
-        f"checkpoint step {resumed}, {redone} steps lost (checkpoint every {every} steps)"
+        f"kubectl cordon {node}; kubectl delete pod {victim['pod']} (node maintenance: "
+        f"rank {victim['rank']}'s node takes no pods, its worker is deleted)"
     )
-    packed.append(show_membership(rdzv))
-    lost_ok = redone <= every
-    if rdzv["workers"] < 4:
-        shrunk = rdzv["epoch"]
-        took = watch.until("regrowth to 4 workers", running_with(4, shrunk), 300)
-        rdzv = membership(watch.status)
-        resumed, redone = resume_report(cp, leader, rdzv["epoch"])
-        say(
-            f"regrew to 4 workers at epoch {rdzv['epoch']} in {took:.1f}s (the replacement pod "
-            f"placed on the freed node): resumed from step {resumed}, {redone} steps redone"
-        )
-        packed.append(show_membership(rdzv))
-        lost_ok = lost_ok and redone <= every
+    kubectl(cp, "cordon", node)
+    kubectl(cp, "delete", "pod", victim["pod"], "--wait=false")
+    lost = reformed(cp, watch, rdzv["epoch"])
+    rdzv = lost.rendezvous
+    checks.extend([rdzv["workers"] == 3, lost.redone <= every])
+    say(
+        f"shrank to {rdzv['workers']} workers at epoch {rdzv['epoch']}: training again "
+        f"{lost.seconds:.1f}s after the eviction, from checkpoint step {lost.resumed_from}: "
+        f"{lost.redone} steps lost (checkpoints every {every} steps)"
+    )
+    checks.append(show_membership(rdzv))
+    watch.train_for(5)
+
+    say(f"kubectl uncordon {node} (the node is back)")
+    kubectl(cp, "uncordon", node)
+    regrown = reformed(cp, watch, rdzv["epoch"])
+    rdzv = regrown.rendezvous
+    checks.append(regrown.redone <= every)
+    say(
+        f"regrew to {rdzv['workers']} workers at epoch {rdzv['epoch']}: training again "
+        f"{regrown.seconds:.1f}s after the uncordon, from checkpoint step "
+        f"{regrown.resumed_from} ({regrown.redone} steps redone)"
+    )
+    checks.append(show_membership(rdzv))
+    checks.append(rdzv["workers"] == 4)
     watch.until("the end of training", lambda s: s.get("phase") in TERMINAL, 600, finished_ok=True)
-    return all(packed) and lost_ok
+    return all(checks)
 
 
 def run(cp: ControlPlane, *, quick: bool = False, timeout: float = 900) -> int:
@@ -426,6 +467,9 @@ def run(cp: ControlPlane, *, quick: bool = False, timeout: float = 900) -> int:
         container = manifest["spec"]["template"]["spec"]["containers"][0]
         container.setdefault("env", []).append({"name": "DDL_TOTAL_STEPS", "value": "150"})
     kubectl(cp, "delete", "ddlj", name, "--ignore-not-found", "--wait=true")
+    # A demo stopped halfway may have left its drained node cordoned.
+    for node in kubectl(cp, "get", "nodes", "-o", "name").split():
+        kubectl(cp, "uncordon", node)
     say(f"kubectl apply -f {JOB.relative_to(REPO_ROOT)}" + (" (150 steps)" if quick else ""))
     kubectl(cp, "apply", "-f", "-", input=json.dumps(manifest))
     watch = JobWatch(cp, name)

@@ -249,6 +249,7 @@ class Agent:
         self._last_report: tuple[object, ...] | None = None
         self._last_report_time = 0.0
         self._progress: Progress | None = None
+        self.epoch_message = ""
         self.gpus = GpuReader()
         self.metrics: MetricsServer | None = None
 
@@ -331,7 +332,7 @@ class Agent:
             log.info("the published membership is valid again")
             self.malformed_since = None
             if self.gang is not None:
-                self.message = f"training in epoch {self.epoch}"
+                self.message = self.epoch_message
         return rendezvous
 
     def _enter_epoch(self, rendezvous: Rendezvous) -> None:
@@ -343,6 +344,7 @@ class Agent:
             )
             self.gang.stop(signal.SIGUSR1, self.config.stop_timeout)
             self.gang = None
+            self._follow_progress()  # the step the old epoch stopped at
         self.epoch = rendezvous.epoch
         if self.terminate:  # asked to leave while stopping: start nothing new
             return
@@ -377,7 +379,8 @@ class Agent:
         self.gang = Gang.start(self.command, envs, self.out)
         self.starts += 1
         self.state = "Running"
-        self.message = f"training in epoch {rendezvous.epoch}"
+        self.epoch_message = f"starting epoch {rendezvous.epoch}"
+        self.message = self.epoch_message
         write_json(self.work_dir / "gang.json", {"epoch": rendezvous.epoch, "pids": self.gang.pids})
 
     def _gang_ended(self, outcome: str, message: str) -> None:
@@ -406,27 +409,34 @@ class Agent:
         return code
 
     def _follow_progress(self) -> None:
-        """Log where each epoch resumed and how many steps the re-form cost.
+        """Say (log and report, at once) when training runs in this epoch, from which step,
+        and how many steps the re-form cost.
 
-        The trainer's progress says the steps done and the checkpoint it resumed from; the
-        steps an epoch did past the checkpoint the next one resumed from were trained twice.
+        The trainer's progress gives the steps done and the checkpoint it resumed from; steps
+        the previous epoch did past that checkpoint were trained twice.
         """
         progress = Progress.read(self.progress_file)
         last = self._progress
-        if progress is None or (last is not None and progress == last):
+        if progress is None:
             return
-        if last is not None and progress.epoch != last.epoch:
-            resumed = progress.resumed_from or 0
-            where = f"checkpoint step {resumed}" if progress.resumed_from else "step 0"
-            log.info(
-                "epoch %d resumed from %s; epoch %d had reached step %d: %d steps redone",
-                progress.epoch,
-                where,
-                last.epoch,
-                last.step,
-                max(0, last.step - resumed),
-            )
+        if last is not None and progress.epoch == last.epoch:
+            self._progress = progress  # further steps of a known epoch, up to its last
+            return
+        if progress.epoch != self.epoch or self.gang is None:
+            return
         self._progress = progress
+        resumed = progress.resumed_from or 0
+        where = f"checkpoint step {resumed}" if progress.resumed_from else "step 0"
+        message = f"training in epoch {progress.epoch} from {where}"
+        if last is not None:
+            message += (
+                f"; epoch {last.epoch} had reached step {last.step}: "
+                f"{max(0, last.step - resumed)} steps redone"
+            )
+        log.info("%s", message)
+        self.epoch_message = message
+        if self.malformed_since is None:
+            self.message = message  # a new message is reported at once
 
     def _report(self, *, force: bool = False) -> None:
         """Publish on every change, and progress every REPORT_INTERVAL while training: rank 0's
