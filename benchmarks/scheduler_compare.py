@@ -103,9 +103,13 @@ def main() -> int:
             cp.stop()
 
 
-def run(cp: ControlPlane) -> int:
+def install_crds(cp: ControlPlane) -> None:
     kubectl(cp, "apply", "--server-side", "-f", str(Path(__file__).parents[1] / "crds"))
     kubectl(cp, "wait", "--for=condition=Established", "crd/ddljobs.ddl-operator.dev")
+
+
+def start_kwok(cp: ControlPlane, *flags: str) -> None:
+    """kwok plays the kubelet of every node annotated kwok.x-k8s.io/node=fake."""
     cp.spawn(
         "kwok",
         [
@@ -116,19 +120,32 @@ def run(cp: ControlPlane) -> int:
             "--cidr=10.244.0.0/16",
             "--node-ip=10.244.0.1",
             f"--server-address=127.0.0.1:{free_port()}",
+            *flags,
         ],
     )
+
+
+def start_operator(cp: ControlPlane, metrics_port: int = 0, *flags: str) -> int:
+    """The operator as a component of `cp` (stopped with it); returns its pid."""
     cp.spawn(
         "ddl-operator",
         [
             sys.executable,
             "-m",
             "ddl_operator",
-            "--metrics-port=0",
+            f"--metrics-port={metrics_port}",
             f"--liveness-port={free_port()}",
+            *flags,
         ],
         env={"KUBECONFIG": str(cp.kubeconfig), "PATH": "/usr/bin:/bin"},
     )
+    return int(cp.state()["pids"]["ddl-operator"])
+
+
+def run(cp: ControlPlane) -> int:
+    install_crds(cp)
+    start_kwok(cp)
+    start_operator(cp)
     rack_of: dict[str, str] = {}
     docs = []
     for z in range(ZONES):
