@@ -20,6 +20,7 @@ import concurrent.futures
 import json
 import math
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--operator-arg", action="append", default=[], help="passed to the operator"
     )
+    parser.add_argument("--operator-log", type=Path, help="copy the operator's log here")
     args = parser.parse_args(argv)
     more = [int(x) for x in args.more_unrelated.split(",") if x]
     wanted = (args.jobs + 1 + len(more)) * args.workers
@@ -216,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(cp, args, more)
         finally:
             cp.stop()
+            if args.operator_log:
+                shutil.copy(cp.log("ddl-operator"), args.operator_log)
 
 
 def run(cp: ControlPlane, args: argparse.Namespace, more: list[int]) -> int:

@@ -12,6 +12,8 @@ from kubernetes import client, config
 
 # (connect, read) seconds for calls that do not set their own (watches do).
 DEFAULT_TIMEOUT: Final = (5.0, 20.0)
+# Connections kept per API server: passes run in parallel and fan their calls out.
+POOL_SIZE: Final = 32
 
 
 class TimedApiClient(client.ApiClient):  # type: ignore[misc]
@@ -48,6 +50,7 @@ def load_client(
     """A client for the in-cluster service account, else the kubeconfig (`kubeconfig` or
     $KUBECONFIG / ~/.kube/config)."""
     configuration = client.Configuration()
+    configuration.connection_pool_maxsize = POOL_SIZE
     if kubeconfig is None:
         try:
             config.load_incluster_config(client_configuration=configuration)

@@ -352,6 +352,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = f"{c.GROUP}/finalizer"
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # kopf's own calls time out too: a hung API server fails a request, not the operator.
+    settings.watching.client_timeout = 330
+    settings.networking.connect_timeout = 5
+    settings.networking.request_timeout = 30
     QUEUE = WorkQueue()
     loop = asyncio.get_running_loop()
     # The cache has a client (and connection pool) of its own, so its watches never wait

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -24,6 +25,9 @@ from ddl_operator.core.render import ANNOTATION_NODE, LABEL_SLOT, headless_servi
 from ddl_operator.core.topology import NodeInfo
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+FANOUT: Final = 16  # concurrent API calls of the passes together (see apiclient's pool)
 
 _TERMINAL = ("Succeeded", "Failed")
 
@@ -43,6 +47,8 @@ class Kube:
     def __init__(self, api: client.ApiClient, cache: ClusterCache) -> None:
         self.api = api
         self.cache = cache
+        # A pass's independent calls (its pods' creates, patches, deletes) go out together.
+        self._fanout = ThreadPoolExecutor(FANOUT, thread_name_prefix="api")
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
 
@@ -60,13 +66,16 @@ class Kube:
         return body
 
     def snapshot(self, namespace: str, name: str) -> Snapshot | None:
+        listing = self._fanout.submit(
+            self.core.list_namespaced_pod,
+            namespace,
+            label_selector=f"{c.LABEL_JOB}={name},{c.LABEL_ROLE}=worker",
+        )
         body = self.get_job(namespace, name)
+        raw_pods = listing.result().items
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         job = DDLJob.model_validate(body)
-        raw_pods = self.core.list_namespaced_pod(
-            namespace, label_selector=f"{c.LABEL_JOB}={name},{c.LABEL_ROLE}=worker"
-        ).items
         owned = [p for p in raw_pods if _owned_by(p, job.metadata.uid)]
         return Snapshot(
             job=job,
@@ -100,23 +109,30 @@ class Kube:
             self._ensure_service(job)
             if worker_identity:
                 self.ensure_worker_identity(ns, *worker_identity)
-        for manifest in plan.create:
+
+        def create(manifest: dict[str, Any]) -> None:
             try:
                 self.core.create_namespaced_pod(ns, manifest)
             except ApiException as err:
                 if err.status != 409:  # already there: an earlier pass made it
                     raise
-        for name, patch in plan.place:
+
+        def place(step: tuple[str, dict[str, Any]]) -> None:
             # A merge patch replaces the gate list as a whole (the gate is lifted).
             self.core.patch_namespaced_pod(
-                name, ns, patch, _content_type="application/merge-patch+json"
+                step[0], ns, step[1], _content_type="application/merge-patch+json"
             )
-        for name in plan.delete:
+
+        def delete(name: str) -> None:
             try:
                 self.core.delete_namespaced_pod(name, ns, grace_period_seconds=_grace(snap, name))
             except ApiException as err:
                 if err.status != 404:
                     raise
+
+        self._each(create, plan.create)
+        self._each(place, plan.place)
+        self._each(delete, plan.delete)
         new_status = plan.status.model_dump(by_alias=True, exclude_none=True, mode="json")
         if new_status != snap.body.get("status"):
             # Replace, not patch: cleared fields must go, and the resourceVersion makes a
@@ -129,7 +145,19 @@ class Kube:
                 job.metadata.name,
                 {**snap.body, "status": new_status},
             )
-        self.post_events(snap.body, plan.events)
+        if plan.events:  # best effort, after the status write; the pass need not wait
+            self._fanout.submit(self.post_events, snap.body, plan.events)
+
+    def _each(self, call: Callable[[T], None], items: Sequence[T]) -> None:
+        """`call` on every item at once; once all are done, the first error is raised."""
+        if len(items) <= 1:
+            for item in items:
+                call(item)
+            return
+        futures = [self._fanout.submit(call, item) for item in items]
+        errors = [err for f in futures if (err := f.exception()) is not None]
+        if errors:
+            raise errors[0]
 
     def ensure_worker_identity(self, namespace: str, account: str, cluster_role: str) -> None:
         """The workers' ServiceAccount and its RoleBinding to the chart's worker role."""
