@@ -9,6 +9,11 @@ least minReplicas of them, each gets its node and its gate lifted; when every pl
 runs, the operator publishes a rendezvous (epoch, rank map, grid) that the agents act on.
 A lost worker shrinks the membership (new epoch) if enough remain, else the job waits for
 capacity; capacity coming back grows it again at the next epoch.
+
+Nothing a pass reads makes it raise: workers' reports are parsed as untrusted input
+(core/reports.py) and a bad one is ignored with a condition; a gang spread across domains
+of topology.required re-forms inside one (core/domains.py); a spec that breaks the schema's
+topology rules gets a condition. Every status a pass returns is strict JSON.
 """
 
 from __future__ import annotations
