@@ -131,7 +131,9 @@ def reconcile_job(key: JobKey) -> float | None:
     try:
         return _pass(key)
     finally:
-        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.RECONCILE_SECONDS.observe(elapsed)
+        log.debug("%s/%s: pass took %.0f ms", *key, elapsed * 1000)
 
 
 def _pass(key: JobKey) -> float | None:

@@ -7,6 +7,7 @@ is plain data for the pure core.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +21,9 @@ from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
 from ddl_operator.cache import ClusterCache
 from ddl_operator.core.capacity import Container, OwnerRef, PodClaim, gpu_quantity
+from ddl_operator.core.podview import owned_by, worker_view
 from ddl_operator.core.reconcile import Event, Plan, WorkerPod
-from ddl_operator.core.render import ANNOTATION_NODE, LABEL_SLOT, headless_service
+from ddl_operator.core.render import headless_service
 from ddl_operator.core.topology import NodeInfo
 
 log = logging.getLogger(__name__)
@@ -70,19 +72,20 @@ class Kube:
             self.core.list_namespaced_pod,
             namespace,
             label_selector=f"{c.LABEL_JOB}={name},{c.LABEL_ROLE}=worker",
+            _preload_content=False,  # plain JSON: client models cost ms per pod
         )
         body = self.get_job(namespace, name)
-        raw_pods = listing.result().items
+        raw_pods = _json(listing.result())["items"]
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         job = DDLJob.model_validate(body)
-        owned = [p for p in raw_pods if _owned_by(p, job.metadata.uid)]
+        owned = [p for p in raw_pods if owned_by(p, job.metadata.uid)]
         return Snapshot(
             job=job,
             body=body,
-            pods=[worker_pod_view(p) for p in owned],
+            pods=[worker_view(p) for p in owned],
             nodes=self.node_infos(job),
-            uids={p.metadata.name: p.metadata.uid for p in owned},
+            uids={p["metadata"]["name"]: p["metadata"]["uid"] for p in owned},
         )
 
     def node_infos(self, job: DDLJob) -> list[NodeInfo]:
@@ -112,20 +115,28 @@ class Kube:
 
         def create(manifest: dict[str, Any]) -> None:
             try:
-                self.core.create_namespaced_pod(ns, manifest)
+                _discard(self.core.create_namespaced_pod(ns, manifest, _preload_content=False))
             except ApiException as err:
                 if err.status != 409:  # already there: an earlier pass made it
                     raise
 
         def place(step: tuple[str, dict[str, Any]]) -> None:
             # A merge patch replaces the gate list as a whole (the gate is lifted).
-            self.core.patch_namespaced_pod(
-                step[0], ns, step[1], _content_type="application/merge-patch+json"
+            patched = self.core.patch_namespaced_pod(
+                step[0],
+                ns,
+                step[1],
+                _content_type="application/merge-patch+json",
+                _preload_content=False,
             )
+            _discard(patched)
 
         def delete(name: str) -> None:
             try:
-                self.core.delete_namespaced_pod(name, ns, grace_period_seconds=_grace(snap, name))
+                deleted = self.core.delete_namespaced_pod(
+                    name, ns, grace_period_seconds=_grace(snap, name), _preload_content=False
+                )
+                _discard(deleted)
             except ApiException as err:
                 if err.status != 404:
                     raise
@@ -242,41 +253,26 @@ def _grace(snap: Snapshot, name: str) -> int | None:
     return None
 
 
-def _owned_by(pod: Any, uid: str) -> bool:
-    return any(ref.uid == uid for ref in (pod.metadata.owner_references or []))
+def _json(response: Any) -> Any:
+    """The body of a raw (not preloaded) response, and the connection back to the pool."""
+    try:
+        return json.loads(response.data)
+    finally:
+        response.release_conn()
+
+
+def _discard(response: Any) -> None:
+    """Done with a raw response whose body is not needed."""
+    response.drain_conn()
+    response.release_conn()
 
 
 def worker_pod_view(pod: Any) -> WorkerPod:
-    """The state machine's view of a worker pod."""
-    meta, spec, st = pod.metadata, pod.spec, pod.status
-    exit_code = None
-    for cs in (st.container_statuses or []) if st else []:
-        if cs.state and cs.state.terminated:
-            exit_code = cs.state.terminated.exit_code
-            break
-    annotations = meta.annotations or {}
-    return WorkerPod(
-        name=meta.name,
-        slot=_slot(meta.name, (meta.labels or {}).get(LABEL_SLOT)),
-        phase=(st.phase if st and st.phase else "Pending"),
-        node=spec.node_name,
-        assigned=annotations.get(ANNOTATION_NODE),
-        gates=tuple({"name": g.name} for g in (spec.scheduling_gates or [])),
-        deleting=meta.deletion_timestamp is not None,
-        ip=st.pod_ip if st else None,
-        exit_code=exit_code,
-        # Untrusted: the core parses it (core/reports.py) and ignores what it must.
-        report=annotations.get(c.ANNOTATION_REPORT),
-    )
+    """The state machine's view of a worker pod given as a client model."""
+    return worker_view(_SERIALIZER.sanitize_for_serialization(pod))
 
 
-def _slot(name: str, label: str | None) -> int:
-    """A worker's slot: its label, else the number its name ends with (labels are writable,
-    names are not); -1 when neither reads as one."""
-    for text in (label or "", name.rpartition("-")[2]):
-        if text.isdecimal() and text.isascii() and len(text) <= 9:
-            return int(text)
-    return -1
+_SERIALIZER: Final = client.ApiClient()
 
 
 def pod_claim(pod: Any) -> PodClaim:
