@@ -159,21 +159,21 @@ def _pass(key: JobKey) -> float | None:
         if not pod.placed_on:
             CACHE.forget((namespace, pod.name))
     t0 = time.perf_counter()
-    plan = reconcile(
-        snap.job, snap.pods, snap.nodes, now, service_account=SETTINGS.worker_service_account
-    )
-    if plan.place:
-        # The serialised step: decide again on capacity read under the lock, and reserve
-        # what was chosen before the next job reads it; the API writes happen after.
+
+    def decide(view: Snapshot) -> Plan:
+        return reconcile(
+            view.job, view.pods, view.nodes, now, service_account=SETTINGS.worker_service_account
+        )
+
+    # A job with unplaced workers goes straight to the serialised step; others decide
+    # without the lock, and take it only if their plan places someone after all.
+    plan = None if any(not p.placed_on for p in snap.pods) else decide(snap)
+    if plan is None or plan.place:
+        # Decide on capacity read under the lock, and reserve what was chosen before the
+        # next job reads it; the API writes happen after the lock is released.
         with CLAIM_LOCK:
             snap = replace(snap, nodes=KUBE.node_infos(snap.job))
-            plan = reconcile(
-                snap.job,
-                snap.pods,
-                snap.nodes,
-                now,
-                service_account=SETTINGS.worker_service_account,
-            )
+            plan = decide(snap)
             _reserve(CACHE, snap, plan)
     metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - t0)
     identity = (

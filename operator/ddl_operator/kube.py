@@ -108,10 +108,10 @@ class Kube:
         """
         job = snap.job
         ns = job.metadata.namespace
-        if plan.create:
-            self._ensure_service(job)
-            if worker_identity:
-                self.ensure_worker_identity(ns, *worker_identity)
+        service = self._fanout.submit(self._ensure_service, job) if plan.create else None
+        if plan.create and worker_identity:
+            # Before the pods: a pod naming a missing service account is refused.
+            self.ensure_worker_identity(ns, *worker_identity)
 
         def create(manifest: dict[str, Any]) -> None:
             try:
@@ -142,6 +142,8 @@ class Kube:
                     raise
 
         self._each(create, plan.create)
+        if service is not None:
+            service.result()  # the workers' Service, made alongside them
         self._each(place, plan.place)
         self._each(delete, plan.delete)
         new_status = plan.status.model_dump(by_alias=True, exclude_none=True, mode="json")
