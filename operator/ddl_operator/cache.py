@@ -78,6 +78,7 @@ class _Stream:
     synced: threading.Event = field(default_factory=threading.Event)
     relists: int = 0
     response: Any = None  # the open watch, so stop() can close it
+    version: str | None = None  # the last resourceVersion seen; None: list first
 
 
 class ClusterCache:
@@ -190,22 +191,21 @@ class ClusterCache:
     def _run(self, stream: _Stream) -> None:
         """List, then watch from the list's resourceVersion; resume after errors, relist
         after 410 Gone (client-go's reflector)."""
-        version: str | None = None
         backoff = BACKOFF_SECONDS[0]
         while not self._stopping.is_set():
             try:
-                if version is None:
-                    version = self._relist(stream)
-                version = self._watch(stream, version)
+                if stream.version is None:
+                    stream.version = self._relist(stream)
+                self._watch(stream, stream.version)
                 backoff = BACKOFF_SECONDS[0]
             except _Gone:
-                log.info("%s watch: resourceVersion %s expired; relisting", stream.kind, version)
-                version = None
+                log.info("%s watch: version %s expired; relisting", stream.kind, stream.version)
+                stream.version = None
             except Exception as err:  # a broken connection, a timeout, a 5xx: wait, resume
                 if self._stopping.is_set():
                     break
                 if isinstance(err, ApiException) and err.status == 410:
-                    version = None
+                    stream.version = None
                     continue
                 log.warning("%s watch failed (%s); retrying in %.1fs", stream.kind, err, backoff)
                 metrics.CACHE_WATCH_ERRORS.labels(stream.kind).inc()
@@ -254,7 +254,9 @@ class ClusterCache:
         stream.synced.set()
         return version
 
-    def _watch(self, stream: _Stream, version: str) -> str:
+    def _watch(self, stream: _Stream, version: str) -> None:
+        """Apply events until the server ends the watch; `stream.version` follows them, so
+        a broken watch resumes after the last event applied."""
         response = stream.list_fn(
             watch=True,
             resource_version=version,
@@ -277,18 +279,19 @@ class ClusterCache:
                     if obj.get("code") == 410:
                         raise _Gone()
                     raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
                 if kind == "BOOKMARK":
-                    continue
-                if stream.kind == "nodes":
+                    pass
+                elif stream.kind == "nodes":
                     self._node_event(kind, obj)
                 else:
                     self._pod_event(kind, obj)
+                stream.version = str(
+                    (obj.get("metadata") or {}).get("resourceVersion") or stream.version
+                )
         finally:
             stream.response = None
             response.close()
             response.release_conn()
-        return version
 
     # -- applying events ----------------------------------------------------------------------
 
