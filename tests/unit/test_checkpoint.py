@@ -274,8 +274,11 @@ def _write_forever(directory: Path, state_size: int) -> None:
         checkpoints.save(step, make_state(step, state_size))
 
 
-def kill_loop(directory: Path, kills: int, seed: int) -> None:
+def kill_loop(directory: Path, kills: int, seed: int, hits: int = 3, most: int = 200) -> None:
     """Fork a writer, SIGKILL it at a random moment, inspect the directory; repeat.
+
+    At least `kills` times, and on until `hits` kills landed inside a write (a temp file left
+    behind), at most `most` times: on a loaded machine fewer random moments fall in a write.
 
     Runs in a fresh process with one torch thread: forking a process that has used
     torch's OpenMP pool (like pytest's, after other tests) can deadlock the child.
@@ -284,7 +287,10 @@ def kill_loop(directory: Path, kills: int, seed: int) -> None:
     torch.set_num_threads(1)
     rng = random.Random(seed)
     state_size = 1_000_000  # 4 MB of float32: most of a writer's time is spent writing
-    for _ in range(kills):
+    interrupted: set[str] = set()
+    done = 0
+    while done < most and (done < kills or len(interrupted) < hits):
+        done += 1
         pid = os.fork()
         if pid == 0:  # the child only ever dies by SIGKILL
             try:
@@ -313,22 +319,23 @@ def kill_loop(directory: Path, kills: int, seed: int) -> None:
             "whole": whole,
             "temps": sorted(p.name for p in directory.glob(f".*{TEMP_SUFFIX}")),
         }
+        interrupted.update(observation["temps"])
         print(json.dumps(observation), flush=True)
 
 
 def test_sigkill_during_writes_never_leaves_an_unreadable_checkpoint(tmp_path: Path) -> None:
-    """25 kills at random moments: every checkpoint file stays whole, the newest loads and
-    never goes backwards. Enough kills must land inside a write for this to mean anything."""
+    """25 or more kills at random moments: every checkpoint file stays whole, the newest loads
+    and never goes backwards. Enough kills must land inside a write for this to mean anything."""
     kills = 25
     result = subprocess.run(
         [sys.executable, __file__, str(tmp_path), str(kills)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=True,
     )
     observations = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(observations) == kills, result.stderr
+    assert len(observations) >= kills, result.stderr
     last_step = 0
     interrupted: set[str] = set()
     for seen in observations:
