@@ -381,7 +381,12 @@ Phase = Literal["Pending", "Placing", "Running", "Rescaling", "Succeeded", "Fail
 class Condition(ApiModel):
     """A Kubernetes-style condition (type, status, reason, message)."""
 
-    type: str
+    type: str = Field(
+        description="Placed (the gang holds its nodes), Unschedulable (why not, in the message), "
+        "Ready (training), Straggler (a slow worker named), ReportRejected (worker reports "
+        "ignored, and why), DomainSplit (workers span domains of topology.required), "
+        "InvalidSpec (the spec cannot run: the field is named)."
+    )
     status: Literal["True", "False", "Unknown"]
     reason: str = ""
     message: str = ""
