@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{wanted} workers of 8 GPUs do not fit on {args.nodes} nodes of 8")
     with tempfile.TemporaryDirectory() as tmp:
         cp = ControlPlane(Path(tmp) / "cp")
-        cp.start()
+        # A thousand kwok nodes on a busy machine miss the tests' 20 s heartbeat grace now
+        # and then; a NotReady node costs a gang its worker and the run its meaning.
+        cp.start(node_grace_seconds=300)
         try:
             return run(cp, args, more)
         finally:

@@ -206,9 +206,15 @@ class ControlPlane:
     # -- start ------------------------------------------------------------------------------
 
     def start(
-        self, timeout: float = 120.0, progress: Callable[[str], None] = lambda _: None
+        self,
+        timeout: float = 120.0,
+        progress: Callable[[str], None] = lambda _: None,
+        node_grace_seconds: int = 20,
     ) -> None:
-        """Starts every component (fresh ports), waits until the API is usable."""
+        """Starts every component (fresh ports), waits until the API is usable.
+
+        `node_grace_seconds`: how long a node may miss heartbeats before it is NotReady.
+        """
         if self.running():
             raise ControlPlaneError(f"a control plane is already running from {self.dir}")
         paths = {name: binary(name) for name in COMPONENTS}
@@ -269,7 +275,7 @@ class ControlPlane:
                     f"--cluster-signing-key-file={pki.ca_key}",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
                     # Node loss is noticed within seconds, so elastic tests stay short.
-                    "--node-monitor-grace-period=20s",
+                    f"--node-monitor-grace-period={node_grace_seconds}s",
                     "--node-monitor-period=2s",
                 ],
             )
