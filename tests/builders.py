@@ -10,7 +10,7 @@ from typing import Any
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
 from ddl_operator.core.reconcile import Plan, WorkerPod, reconcile
-from ddl_operator.core.render import ANNOTATION_NODE, LABEL_SLOT
+from ddl_operator.core.render import ANNOTATION_NODE, ANNOTATION_PLACED_AT, LABEL_SLOT
 from ddl_operator.core.topology import NodeInfo
 
 
@@ -139,7 +139,10 @@ class Cluster:
         for name, patch in plan.place:
             node = patch["spec"]["nodeSelector"][c.LABEL_HOSTNAME]
             self.pods[name] = replace(
-                self.pods[name], assigned=node, gates=tuple(patch["spec"]["schedulingGates"])
+                self.pods[name],
+                assigned=node,
+                gates=tuple(patch["spec"]["schedulingGates"]),
+                placed_at=patch["metadata"]["annotations"].get(ANNOTATION_PLACED_AT),
             )
         self.job = self.job.model_copy(update={"status": plan.status})
         return plan

@@ -9,7 +9,7 @@ import pytest
 from ddl_operator.api import constants as c
 from ddl_operator.core.podview import owned_by, slot, worker_view
 from ddl_operator.core.reconcile import WorkerPod
-from ddl_operator.core.render import ANNOTATION_NODE, LABEL_SLOT
+from ddl_operator.core.render import ANNOTATION_NODE, ANNOTATION_PLACED_AT, LABEL_SLOT
 
 
 def manifest(**parts: Any) -> dict[str, Any]:
@@ -74,3 +74,23 @@ def test_owned_by() -> None:
     pod = manifest(metadata__ownerReferences=[{"uid": "job-uid"}, "junk"])
     assert owned_by(pod, "job-uid") and not owned_by(pod, "other")
     assert not owned_by(manifest(), "job-uid")
+
+
+def test_a_placed_worker_the_scheduler_cannot_bind() -> None:
+    pod = manifest(
+        metadata__annotations={ANNOTATION_NODE: "n1", ANNOTATION_PLACED_AT: "2026-12-01T10:00:00Z"},
+        status__conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/4 nodes are available: 4 Insufficient memory.",
+            }
+        ],
+    )
+    view = worker_view(pod)
+    assert view.assigned == "n1" and view.node is None
+    assert view.placed_at == "2026-12-01T10:00:00Z"
+    assert view.unscheduled == "0/4 nodes are available: 4 Insufficient memory."
+    bound = manifest(status__conditions=[{"type": "PodScheduled", "status": "True"}])
+    assert worker_view(bound).unscheduled == ""

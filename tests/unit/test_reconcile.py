@@ -9,6 +9,7 @@ import pytest
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJobStatus, Topology
+from ddl_operator.core.reconcile import BIND_DEADLINE_SECONDS
 from ddl_operator.core.render import ANNOTATION_NODE
 
 from builders import Cluster, cond, make_ddljob, rack_nodes
@@ -398,3 +399,27 @@ def test_a_spec_that_slipped_past_the_schema_is_refused_with_a_condition() -> No
     cl.settle()
     assert cl.job.status.phase == "Running"
     assert all(x.type != "InvalidSpec" for x in cl.job.status.conditions)
+
+
+def test_a_placed_pod_the_scheduler_never_binds_is_placed_again() -> None:
+    """Another scheduler took the GPUs, or CPU/memory/affinity do not fit: the pinned pods
+    hold GPUs forever unless re-placed; the event carries the scheduler's reason."""
+    cl = Cluster(make_ddljob(replicas=2, gpus=8), rack_nodes(racks=2, per_rack=2))
+    cl.step()
+    cl.step()
+    pinned = sorted(n for n, p in cl.pods.items() if p.assigned and not p.gated)
+    assert len(pinned) == 2
+    why = "0/4 nodes are available: 4 Insufficient memory."
+    for name in pinned:
+        cl.pods[name] = replace(cl.pods[name], unscheduled=why)
+    assert not cl.step(BIND_DEADLINE_SECONDS - 5).delete, "within the deadline: wait"
+    plan = cl.step(10)
+    assert sorted(plan.delete) == pinned
+    replaced = [e for e in plan.events if e.reason == "WorkerReplaced"]
+    assert len(replaced) == 2 and all(why in e.message for e in replaced), replaced
+    assert f"within {BIND_DEADLINE_SECONDS}s" in replaced[0].message
+    assert cl.job.status.restarts == 0, "never a member: no restart"
+    cl.step()  # new workers for the empty slots, created gated and placed again
+    assert len(cl.pods) == 2 and not any(p.unscheduled for p in cl.pods.values())
+    cl.settle()
+    assert cl.job.status.phase == "Running" and len(cl.members()) == 2

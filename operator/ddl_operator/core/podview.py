@@ -11,7 +11,7 @@ from typing import Any
 
 from ddl_operator.api import constants as c
 from ddl_operator.core.reconcile import WorkerPod
-from ddl_operator.core.render import ANNOTATION_NODE, LABEL_SLOT
+from ddl_operator.core.render import ANNOTATION_NODE, ANNOTATION_PLACED_AT, LABEL_SLOT
 
 
 def worker_view(pod: Mapping[str, Any]) -> WorkerPod:
@@ -27,6 +27,8 @@ def worker_view(pod: Mapping[str, Any]) -> WorkerPod:
         phase=status.get("phase") or "Pending",
         node=spec.get("nodeName") or None,
         assigned=annotations.get(ANNOTATION_NODE),
+        placed_at=annotations.get(ANNOTATION_PLACED_AT),
+        unscheduled=_unscheduled(status),
         gates=tuple({"name": g.get("name")} for g in spec.get("schedulingGates") or []),
         deleting=meta.get("deletionTimestamp") is not None,
         ip=status.get("podIP") or None,
@@ -49,6 +51,18 @@ def owned_by(pod: Mapping[str, Any], uid: str) -> bool:
     """Whether the object with `uid` is among the pod's owners."""
     refs = (pod.get("metadata") or {}).get("ownerReferences") or []
     return any(isinstance(ref, Mapping) and ref.get("uid") == uid for ref in refs)
+
+
+def _unscheduled(status: Mapping[str, Any]) -> str:
+    """The scheduler's word on why the pod is not bound (its PodScheduled=False message)."""
+    for cond in status.get("conditions") or []:
+        if (
+            isinstance(cond, Mapping)
+            and cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+        ):
+            return str(cond.get("message") or cond.get("reason") or "")[:300]
+    return ""
 
 
 def _exit_code(status: Mapping[str, Any]) -> int | None:

@@ -49,6 +49,7 @@ REPORT_REJECTED: Final = "ReportRejected"  # some worker's report is ignored (an
 DOMAIN_SPLIT: Final = "DomainSplit"  # placed workers span domains of topology.required
 INVALID_SPEC: Final = "InvalidSpec"  # the spec breaks a rule the CRD should have enforced
 REJECTIONS_LISTED: Final = 10  # pods named in the ReportRejected condition
+BIND_DEADLINE_SECONDS: Final = 60  # a placed pod unbound for longer is re-placed
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class WorkerPod:
     phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
     node: str | None = None  # bound by the scheduler
     assigned: str | None = None  # chosen by our placement (may not be bound yet)
+    placed_at: str | None = None  # when our placement pinned it (ISO time)
+    unscheduled: str = ""  # the scheduler's reason it is not bound, if it gave one
     gates: tuple[Mapping[str, Any], ...] = ()
     deleting: bool = False
     ip: str | None = None
@@ -143,12 +146,19 @@ def _request(job: DDLJob, low: int, high: int, keep: Mapping[str, str]) -> GangR
     )
 
 
-def _lost(pod: WorkerPod, nodes: Mapping[str, NodeInfo]) -> str | None:
+def _lost(pod: WorkerPod, nodes: Mapping[str, NodeInfo], now: dt.datetime) -> str | None:
     """Why a pod no longer counts as a worker, or None."""
     if pod.deleting:
         return "deleted"
     if pod.phase == "Failed":
         return f"failed (exit code {pod.exit_code})"
+    if pod.node is None and pod.assigned and not pod.gated:
+        placed = _parse(pod.placed_at)
+        if placed is not None and (now - placed).total_seconds() > BIND_DEADLINE_SECONDS:
+            # Another scheduler took the GPUs, or CPU, memory, affinity or volumes do not fit:
+            # give the GPUs back and place it again (a gate cannot be put back on a pod).
+            why = pod.unscheduled or "the scheduler gave no reason"
+            return f"not bound to {pod.assigned} within {BIND_DEADLINE_SECONDS}s ({why})"
     where = pod.placed_on
     if where is not None:
         node = nodes.get(where)
@@ -301,7 +311,7 @@ def observe(
         by_node=by_node,
         by_name={p.name: p for p in pods},
         members=[m.pod for m in rendezvous.members] if rendezvous else [],
-        lost={p.name: why for p in pods if (why := _lost(p, by_node))},
+        lost={p.name: why for p in pods if (why := _lost(p, by_node, now))},
         reports=reports,
         rejected=rejected,
     )
@@ -379,7 +389,12 @@ def _losses(seen: Observed, plan: Plan) -> Losses:
             + [f"{m} failed: {reports[m].message}" for m in failed_training]
         )
         plan.events.append(Event("Warning", "WorkerLost", f"epoch {old.epoch}: {reasons}"))
-    plan.delete.extend(sorted(n for n in seen.lost if not by_name[n].deleting))
+    dropped = sorted(n for n in seen.lost if not by_name[n].deleting)
+    plan.delete.extend(dropped)
+    for name in dropped:  # not members (those are WorkerLost above): say why they go
+        if name not in seen.members:
+            why = seen.lost[name]
+            plan.events.append(Event("Warning", "WorkerReplaced", f"{name} {why}; replacing it"))
     return losses
 
 
@@ -455,7 +470,7 @@ def _place(seen: Observed, plan: Plan, gang: Gang) -> Unplaceable | None:
         return result
     new = [w for w in result.workers if w.pod is None]
     for pod, worker in zip(sorted(gang.unplaced, key=lambda p: p.slot), new, strict=False):
-        plan.place.append((pod.name, placement_patch(worker.node, pod.gates)))
+        plan.place.append((pod.name, placement_patch(worker.node, pod.gates, seen.stamp)))
     nodes = ", ".join(sorted({w.node for w in new}))
     plan.events.append(Event("Normal", "Placed", f"placed {len(new)} worker(s) on {nodes}"))
     return None

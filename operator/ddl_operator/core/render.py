@@ -155,16 +155,20 @@ def _mount_shared_memory(spec: dict[str, Any], main: dict[str, Any]) -> None:
 
 
 ANNOTATION_NODE: Final = f"{c.GROUP}/node"
+# When placement pinned the pod: a pod the scheduler does not bind in time is re-placed.
+ANNOTATION_PLACED_AT: Final = f"{c.GROUP}/placed-at"
 
 
-def placement_patch(node: str, gates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def placement_patch(
+    node: str, gates: Sequence[Mapping[str, Any]], placed_at: str
+) -> dict[str, Any]:
     """A JSON merge patch pinning a gated pod to its node and lifting our gate.
 
     Gated pods accept additions to nodeSelector, so the stock kube-scheduler binds the pod
     with correct resource accounting while our placement decides the node. Other gates stay.
     """
     return {
-        "metadata": {"annotations": {ANNOTATION_NODE: node}},
+        "metadata": {"annotations": {ANNOTATION_NODE: node, ANNOTATION_PLACED_AT: placed_at}},
         "spec": {
             "nodeSelector": {c.LABEL_HOSTNAME: node},
             "schedulingGates": [g for g in gates if g.get("name") != c.SCHEDULING_GATE],
