@@ -10,7 +10,7 @@ from pathlib import Path
 from ddl_worker.checkpoint import Checkpointer
 
 from holds import Hold
-from workerutil import job_log, make_job_manifest, read_json, start_local_job
+from workerutil import job_log, make_job_manifest, read_json, start_local_job, wait_for
 
 EVERY = 10
 STEPS = 100
@@ -18,6 +18,12 @@ BATCH = 48
 SAMPLES = 1200  # 25 steps per data epoch: the re-forms land mid-epoch
 REFORM_LIMIT = 30.0
 HOLD_STEP = 25  # every gang waits here until released; each resumes from the checkpoint at 20
+
+
+def coordinator_saw(work: Path, epoch: int) -> None:
+    """Until the local coordinator noticed the epoch train (it polls; the hold is faster)."""
+    line = f"re-formed at epoch {epoch} "
+    wait_for(f"the coordinator to see epoch {epoch} train", lambda: line in job_log(work), 30)
 
 
 def test_lost_worker_and_killed_process_reform_and_resume(tmp_path: Path) -> None:
@@ -52,6 +58,7 @@ def test_lost_worker_and_killed_process_reform_and_resume(tmp_path: Path) -> Non
         killed_at = time.monotonic()
         held = hold.wait_held(60, when=lambda m: m["epoch"] == 1, log=lambda: job_log(work))
         assert held["worldSize"] == 3, held
+        coordinator_saw(work, 1)
         print(f"lost agent: epoch 1 at the hold {time.monotonic() - killed_at:.1f}s after the kill")
 
         # 2. SIGKILL one training process of worker 2: its agent survives, the gang restarts.
@@ -61,6 +68,7 @@ def test_lost_worker_and_killed_process_reform_and_resume(tmp_path: Path) -> Non
         killed_at = time.monotonic()
         held = hold.wait_held(60, when=lambda m: m["epoch"] == 2, log=lambda: job_log(work))
         assert held["worldSize"] == 3, held
+        coordinator_saw(work, 2)
         print(f"killed process: epoch 2 at the hold {time.monotonic() - killed_at:.1f}s later")
 
         hold.release()
