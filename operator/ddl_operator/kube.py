@@ -20,7 +20,6 @@ from kubernetes.client.rest import ApiException
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
 from ddl_operator.cache import ClusterCache
-from ddl_operator.core.capacity import Container, OwnerRef, PodClaim, gpu_quantity
 from ddl_operator.core.podview import owned_by, worker_view
 from ddl_operator.core.reconcile import Event, Plan, WorkerPod
 from ddl_operator.core.render import headless_service
@@ -275,29 +274,3 @@ def worker_pod_view(pod: Any) -> WorkerPod:
 
 
 _SERIALIZER: Final = client.ApiClient()
-
-
-def pod_claim(pod: Any) -> PodClaim:
-    """What capacity counting needs of a pod (core/capacity.py decides what counts)."""
-    meta, spec = pod.metadata, pod.spec
-    return PodClaim(
-        node_name=spec.node_name,
-        containers=tuple(_container(x) for x in spec.containers or []),
-        init_containers=tuple(_container(x) for x in spec.init_containers or []),
-        labels=dict(meta.labels or {}),
-        annotations=dict(meta.annotations or {}),
-        owners=tuple(
-            OwnerRef(r.api_version, r.kind, r.name, bool(r.controller))
-            for r in meta.owner_references or []
-        ),
-    )
-
-
-def _container(container: Any) -> Container:
-    res = container.resources
-    requests = (res.requests or {}) if res else {}
-    limits = (res.limits or {}) if res else {}
-    return Container(
-        gpus=gpu_quantity(requests.get(c.GPU_RESOURCE) or limits.get(c.GPU_RESOURCE) or 0),
-        sidecar=getattr(container, "restart_policy", None) == "Always",
-    )

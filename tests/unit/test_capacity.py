@@ -18,8 +18,9 @@ from ddl_operator.core.capacity import (
     gpu_quantity,
     gpus_in_use,
 )
+from ddl_operator.core.ledger import pod_claim
 from ddl_operator.core.render import ANNOTATION_NODE, LABEL_SLOT
-from ddl_operator.kube import Kube, pod_claim, worker_pod_view
+from ddl_operator.kube import Kube, worker_pod_view
 
 from builders import make_ddljob
 from fakeapi import FakeCoreApi, as_manifest
@@ -188,7 +189,7 @@ def test_pod_claim_reads_init_containers_and_sidecars() -> None:
             resources=client.V1ResourceRequirements(limits={c.GPU_RESOURCE: "1"}),
         )
     ]
-    claim = pod_claim(pod)
+    claim = pod_claim(client.ApiClient().sanitize_for_serialization(pod))
     assert claim.init_containers == (Container(1, sidecar=True),)
     assert effective_gpus(claim) == 9
 

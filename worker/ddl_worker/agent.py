@@ -17,6 +17,7 @@ from types import FrameType
 from typing import IO, Final, Literal
 
 from ddl_operator.api.models import Member, Rendezvous
+from ddl_operator.core.reports import AgentState
 from ddl_worker.env import (
     EXIT_CODE_PERMANENT,
     EXIT_CODE_RETRYABLE,
@@ -42,7 +43,6 @@ from ddl_worker.metrics import (
     reset_multiproc_dir,
 )
 from ddl_worker.report import (
-    AgentState,
     FileReporter,
     KubernetesReporter,
     Progress,

@@ -7,14 +7,13 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from ddl_operator.api import constants
+from ddl_operator.core.reports import AgentState
 from ddl_worker.fileio import read_json, write_json
 
 log = logging.getLogger(__name__)
-
-AgentState = Literal["Waiting", "Running", "Succeeded", "Failed"]
 
 
 @dataclass(frozen=True)
