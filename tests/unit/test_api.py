@@ -37,7 +37,19 @@ def test_crd_has_subresources_columns_and_names() -> None:
     version = crd["spec"]["versions"][0]
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     columns = [col["name"] for col in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Ready", "Replicas", "Epoch", "Throughput", "Sync-Wait", "Age"]
+    assert columns == [
+        "Phase", "Ready", "Replicas", "Epoch", "Throughput", "Sync-Wait", "Age", "Suspend"
+    ]  # fmt: skip
+    wide = {col["name"] for col in version["additionalPrinterColumns"] if col.get("priority")}
+    assert wide == {"Suspend"}, "only -o wide shows spec.suspend; the Phase says Suspended"
+
+
+def test_suspend_defaults_to_false_and_phase_allows_suspended() -> None:
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+    assert spec["spec"]["properties"]["suspend"] == {
+        **spec["spec"]["properties"]["suspend"], "type": "boolean", "default": False
+    }  # fmt: skip
+    assert "Suspended" in spec["status"]["properties"]["phase"]["enum"]
 
 
 def _walk(node: object) -> list[dict[str, object]]:

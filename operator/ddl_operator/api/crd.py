@@ -159,6 +159,8 @@ def build_crd() -> dict[str, Any]:
         ("Sync-Wait", "number", ".status.syncWaitRatio", "Share of step time blocked on comms"),
         ("Age", "date", ".metadata.creationTimestamp", ""),
     ]
+    # Shown by `kubectl get -o wide` only: the Phase column already says Suspended.
+    wide = [("Suspend", "boolean", ".spec.suspend", "spec.suspend: stopped, holding nothing")]
     version = {
         "name": c.VERSION,
         "served": True,
@@ -194,6 +196,10 @@ def build_crd() -> dict[str, Any]:
         "additionalPrinterColumns": [
             {"name": n, "type": t, "jsonPath": p, **({"description": d} if d else {})}
             for n, t, p, d in columns
+        ]
+        + [
+            {"name": n, "type": t, "jsonPath": p, "description": d, "priority": 1}
+            for n, t, p, d in wide
         ],
     }
     return {

@@ -357,6 +357,14 @@ class DDLJobSpec(ApiModel):
         description=FailurePolicy.__doc__,
         json_schema_extra=_default_of(FailurePolicy),
     )
+    suspend: bool = Field(
+        default=False,
+        description="True stops every worker at a step boundary after a checkpoint, then "
+        "deletes the pods: the job holds no pods and no GPUs (phase Suspended). False again "
+        "creates workers that resume from the last checkpoint at the next epoch. Time spent "
+        "suspended counts neither as a restart nor toward elastic.waitForCapacitySeconds "
+        "(the batch/v1 Job convention).",
+    )
     template: dict[str, Any] = Field(json_schema_extra=_TEMPLATE_SCHEMA)
 
     @property
@@ -375,7 +383,7 @@ class DDLJobSpec(ApiModel):
         return self.elastic.max_replicas if self.elastic else self.replicas
 
 
-Phase = Literal["Pending", "Placing", "Running", "Rescaling", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Placing", "Running", "Rescaling", "Suspended", "Succeeded", "Failed"]
 
 
 class Condition(ApiModel):
@@ -385,7 +393,8 @@ class Condition(ApiModel):
         description="Placed (the gang holds its nodes), Unschedulable (why not, in the message), "
         "Ready (training), Straggler (a slow worker named), ReportRejected (worker reports "
         "ignored, and why), DomainSplit (workers span domains of topology.required), "
-        "InvalidSpec (the spec cannot run: the field is named)."
+        "InvalidSpec (the spec cannot run: the field is named), Suspended (spec.suspend: reason "
+        "Stopping while workers checkpoint, Suspended once nothing is held, Resumed after)."
     )
     status: Literal["True", "False", "Unknown"]
     reason: str = ""

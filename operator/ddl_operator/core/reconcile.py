@@ -8,7 +8,9 @@ Lifecycle: workers are created gated (holding nothing); once placement finds roo
 least minReplicas of them, each gets its node and its gate lifted; when every placed worker
 runs, the operator publishes a rendezvous (epoch, rank map, grid) that the agents act on.
 A lost worker shrinks the membership (new epoch) if enough remain, else the job waits for
-capacity; capacity coming back grows it again at the next epoch.
+capacity; capacity coming back grows it again at the next epoch. spec.suspend stops the
+gang the same way (an epoch without members), then deletes the pods; unsuspended, the job
+starts over from gated workers and resumes from the last checkpoint at the next epoch.
 
 Nothing a pass reads makes it raise: workers' reports are parsed as untrusted input
 (core/reports.py) and a bad one is ignored with a condition; a gang spread across domains
@@ -48,8 +50,15 @@ MASTER_PORT_SPAN = 30000
 REPORT_REJECTED: Final = "ReportRejected"  # some worker's report is ignored (and why)
 DOMAIN_SPLIT: Final = "DomainSplit"  # placed workers span domains of topology.required
 INVALID_SPEC: Final = "InvalidSpec"  # the spec breaks a rule the CRD should have enforced
+SUSPENDED: Final = "Suspended"  # spec.suspend holds the job (reason: Stopping, Suspended, Resumed)
 REJECTIONS_LISTED: Final = 10  # pods named in the ReportRejected condition
 BIND_DEADLINE_SECONDS: Final = 60  # a placed pod unbound for longer is re-placed
+# How long suspending waits for the workers to say they stopped at the stop epoch before it
+# deletes them anyway: the agent gives its processes DDL_STOP_TIMEOUT (20 s) to checkpoint,
+# and a deleted worker still checkpoints on SIGTERM, so a missing report costs no progress.
+SUSPEND_GRACE_SECONDS: Final = 30
+# Conditions about the gang that say nothing while a job is suspended (they are cleared).
+_GANG_CONDITIONS: Final = frozenset({"Placed", "Unschedulable", "Ready", "Straggler", DOMAIN_SPLIT})
 
 
 @dataclass(frozen=True)
@@ -268,7 +277,7 @@ def reconcile(
     if _refuse_invalid_spec(job, plan, _iso(now)):
         return plan
     seen = observe(job, pods, nodes, now, service_account)
-    if _outcome(seen, plan):
+    if _outcome(seen, plan) or _suspend(seen, plan):
         return plan
     losses = _losses(seen, plan)
     if _over_restart_limit(seen, plan, losses):
@@ -364,6 +373,94 @@ def _outcome(seen: Observed, plan: Plan) -> bool:
     )
     plan.requeue_after = 5.0
     return True
+
+
+def _suspend(seen: Observed, plan: Plan) -> bool:
+    """spec.suspend: stop the gang at a step boundary, then delete every pod. True when the
+    job is suspended (the pass ends here, before losses, restarts and patience are counted).
+
+    The stop reuses the rendezvous of a gang with too few workers: an epoch with no members,
+    at which every agent checkpoints at a step boundary and reports that it waits. The pods
+    go once each has said so, or once SUSPEND_GRACE_SECONDS have passed since the stop.
+    """
+    if not seen.spec.suspend:
+        return False
+    stop = _stop_epoch(seen, plan)
+    was = next((x for x in seen.old.conditions if x.type == SUSPENDED), None)
+    since = _parse(was.last_transition_time) if was is not None and was.status == "True" else None
+    elapsed = (seen.now - since).total_seconds() if since is not None else 0.0
+    pods = [p for p in seen.pods if not p.deleting]
+    training = [p.name for p in pods if not _stopped(p, seen, stop)]
+    if training and elapsed < SUSPEND_GRACE_SECONDS:
+        reason = "Stopping"
+        message = (
+            f"stopping {', '.join(training)} at a step boundary after a checkpoint (epoch "
+            f"{stop}); the pods are deleted once they stop, at most {SUSPEND_GRACE_SECONDS}s"
+        )
+        plan.requeue_after = min(5.0, SUSPEND_GRACE_SECONDS - elapsed)
+    else:
+        reason = SUSPENDED
+        plan.delete.extend(p.name for p in pods)
+        releasing = len(pods) + sum(1 for p in seen.pods if p.deleting)
+        message = (
+            f"releasing {releasing} pods" if releasing else "holding no pods"
+        ) + f"; resumes from the last checkpoint when spec.suspend is false (epoch {stop})"
+        plan.requeue_after = 5.0 if releasing else 0
+        if was is None or was.status != "True" or was.reason != SUSPENDED:
+            late = f"; {', '.join(training)} did not confirm a stop in time" if training else ""
+            plan.events.append(Event("Normal", SUSPENDED, f"epoch {stop}: suspended{late}"))
+    stamp = seen.stamp
+    conditions = [
+        _condition(seen.old.conditions, x.type, False, SUSPENDED, "", stamp)
+        if x.type in _GANG_CONDITIONS
+        else x
+        for x in seen.old.conditions
+        if x.type != SUSPENDED
+    ]
+    conditions.append(_condition(seen.old.conditions, SUSPENDED, True, reason, message, stamp))
+    plan.update_status(
+        phase="Suspended",
+        replicas=0,
+        ready_replicas=0,
+        conditions=conditions,
+        message=message,
+        waiting_since=None,
+        throughput=0.0,
+        sync_wait_ratio=0.0,
+    )
+    return True
+
+
+def _stop_epoch(seen: Observed, plan: Plan) -> int:
+    """The epoch at which the workers stop: a new one without members if a gang trains."""
+    old = seen.old
+    if old.rendezvous is None or old.rendezvous.workers == 0:
+        return old.epoch  # nobody trains: there is nothing to stop
+    epoch = old.epoch + 1
+    plan.update_status(
+        epoch=epoch,
+        rendezvous=Rendezvous(
+            epoch=epoch, workers=0, processes_per_worker=seen.spec.procs_per_worker
+        ),
+    )
+    plan.events.append(
+        Event(
+            "Normal",
+            "Suspending",
+            f"epoch {epoch}: {old.rendezvous.workers} workers stop at a step boundary after "
+            "a checkpoint (spec.suspend)",
+        )
+    )
+    return epoch
+
+
+def _stopped(pod: WorkerPod, seen: Observed, stop: int) -> bool:
+    """Whether a pod has nothing left to checkpoint: it never trained, ended, or its agent
+    reported that it waits at (or after) the stop epoch."""
+    if seen.old.rendezvous is None or pod.phase not in ("Running", "Unknown"):
+        return True
+    report = seen.reports.get(pod.name)
+    return report is not None and report.epoch >= stop and report.state != "Running"
 
 
 def _losses(seen: Observed, plan: Plan) -> Losses:
@@ -595,6 +692,12 @@ def _conditions(
          split.describe() if split else ""),
         rejections,
     ]  # fmt: skip
+    if SUSPENDED in was:  # once suspended, the condition stays and says it resumed
+        resumed = "spec.suspend is false; the workers resume from the last checkpoint"
+        states.append((SUSPENDED, False, "Resumed", resumed))
+        if was[SUSPENDED].status == "True":
+            msg = f"resuming after epoch {old.epoch} from the last checkpoint"
+            plan.events.append(Event("Normal", "Resumed", msg))
     conditions = [_condition(old.conditions, *state, seen.stamp) for state in states]
     for type_, message in (
         ("Straggler", straggler),
