@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything `up` started")
     sub.add_parser("status", help="show which components run")
     sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
+    slow_parser = sub.add_parser(
+        "slow", help="run one node's pods at a fraction of full speed (needs the node agent)"
+    )
+    slow_parser.add_argument("node")
+    slow_parser.add_argument("fraction", help="0.5 or 50%%: half speed; 1: full speed again")
     demo_parser = sub.add_parser(
         "demo", help="local cluster + operator chart + the example job's elastic story"
     )
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             from ddl_localcluster import demo
 
             return demo.run(cp, quick=args.quick)
+        elif args.command == "slow":
+            return _slow(cp.dir / "nodeagent", args.node, args.fraction)
         elif args.command == "down":
             cp.stop()
             left = cp.running()
@@ -67,6 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddl-cluster: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _slow(state_dir: Path, node: str, fraction: str) -> int:
+    """Asks the running node agent to slow a node (its control socket is in state_dir)."""
+    from ddl_localcluster.nodeagent.control import send
+
+    try:
+        answer = send(state_dir, {"command": "node-slow", "node": node, "fraction": fraction})
+    except OSError as err:
+        print(f"ddl-cluster: no node agent answers in {state_dir}: {err}", file=sys.stderr)
+        return 1
+    print(answer.get("message"), file=sys.stdout if answer.get("ok") else sys.stderr)
+    return 0 if answer.get("ok") else 1
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ class FakeAgent:
     def node_delete(self, node: str) -> str:
         return self._act("delete", node)
 
+    def node_slow(self, node: str, fraction: float) -> str:
+        return self._act("slow", node, fraction)
+
 
 @pytest.mark.parametrize(
     ("line", "name", "node", "kill_pods"),
@@ -61,6 +64,13 @@ def test_parse_command(line: str, name: str, node: str, kill_pods: bool) -> None
     command = parse_command(line)
     assert (command.name, command.node, command.kill_pods) == (name, node, kill_pods)
     assert not command.done.is_set()
+
+
+def test_parse_command_carries_node_slows_fraction_and_defaults_to_full_speed() -> None:
+    assert parse_command('{"command": "node-slow", "node": "n0", "fraction": "50%"}').fraction == (
+        "50%"
+    )
+    assert parse_command('{"command": "node-slow", "node": "n0"}').fraction == 1.0
 
 
 @pytest.mark.parametrize(
@@ -79,6 +89,7 @@ def test_parse_command_rejects_what_is_not_a_request(line: str, error: type[Exce
         (Command("node-down", "n1", kill_pods=True), ("down", "n1", True), "down n1 done"),
         (Command("node-up", "n1"), ("up", "n1"), "up n1 done"),
         (Command("node-delete", "n0"), ("delete", "n0"), "delete n0 done"),
+        (Command("node-slow", "n1", fraction="50%"), ("slow", "n1", 0.5), "slow n1 done"),
     ],
 )
 def test_node_commands_reach_the_agent(

@@ -10,7 +10,9 @@ Modules, one concern each:
     pods           the pod workers: processes, network, API writes, `kubectl logs`
     podwatch       the cache of bound pods (list, then watch)
     heartbeat      node registration, Ready status posts, Lease renewals
-    control        the control socket (node-down/up/delete, status) and send()
+    slowdown       a slowed node's duty cycle as data (the knob, run and frozen phases)
+    throttle       per-node cgroups (or process-group signals) frozen on that duty cycle
+    control        the control socket (node-down/up/delete/slow, status) and send()
     agent          the run loop that wires them together
     cli            `python -m ddl_localcluster.nodeagent ...`
 """

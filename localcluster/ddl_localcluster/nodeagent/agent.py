@@ -2,7 +2,8 @@
 
 Three threads feed one loop: heartbeats keep the nodes alive, the pod watch fills the cache,
 the control socket queues commands. The loop alone touches the pod workers: it executes queued
-commands, then syncs every pod bound to a node that is up.
+commands, then syncs every pod bound to a node that is up. A fourth thread, the throttle, only
+freezes and thaws the pods of slowed nodes.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ from typing import Any, Final
 
 from ddl_localcluster import netns
 from ddl_localcluster.kubeletapi import KubeletApi
-from ddl_localcluster.nodeagent import control
+from ddl_localcluster.nodeagent import control, slowdown
 from ddl_localcluster.nodeagent.api import ApiError, KubeApi
 from ddl_localcluster.nodeagent.control import SOCKET_NAME, SOCKET_PATH_MAX, Command
 from ddl_localcluster.nodeagent.heartbeat import Heartbeats, NodeState
 from ddl_localcluster.nodeagent.pods import PodWorkers
 from ddl_localcluster.nodeagent.podwatch import PodCache
 from ddl_localcluster.nodeagent.processes import cleanup
+from ddl_localcluster.nodeagent.throttle import make_throttle
 from ddl_localcluster.topology import ClusterSpec
 
 SYNC_SECONDS: Final = 0.5
+# Shows a node's slowdown on its Node (set while slowed, removed at full speed).
+SLOWDOWN_ANNOTATION: Final = "ddl-localcluster.dev/slowdown"
 
 
 def say(message: str) -> None:
@@ -55,6 +59,8 @@ class NodeAgent:
         api_port = server.port or 443
         self.relay = netns.Relay(server.hostname or "127.0.0.1", api_port)
         self.pods = PodWorkers(api, network, self.relay, state_dir, api_port, self.cache.get)
+        self.throttle = make_throttle(state_dir, self.nodes, self.pods.process_groups, say)
+        self.pods.node_prefix = self.throttle.command_prefix
         self.kubelet_api = KubeletApi(self.pods.container_log, state_dir / "kubelet")
         self.heartbeats = Heartbeats(api, self.nodes, self.kubelet_api.port, say)
 
@@ -83,11 +89,16 @@ class NodeAgent:
                 daemon=True,
             ),
         ]
+        throttle = threading.Thread(
+            target=self.throttle.run, args=(self._stop,), name="throttle", daemon=True
+        )
+        threads.append(throttle)
         for thread in threads:
             thread.start()
         self.say(
             f"ready: {len(self.nodes)} nodes ({', '.join(self.nodes)}), network "
-            f"{self.network.mode}, control socket {socket_path}"
+            f"{self.network.mode}, slowdown by {self.throttle.description}, "
+            f"control socket {socket_path}"
         )
         while not self._stop.is_set():
             try:
@@ -99,11 +110,14 @@ class NodeAgent:
             except queue.Empty:
                 pass
             self._reconcile()
+        # Every node at full speed before the pods get their SIGTERM.
+        throttle.join(timeout=5)
         self._shutdown()
 
     def stop(self) -> None:
         self._stop.set()
         self._queue.put(None)
+        self.throttle.stop()
 
     def _reconcile(self) -> None:
         pods = self.cache.snapshot()
@@ -129,9 +143,10 @@ class NodeAgent:
         self.say(f"stopped: {ended} pod processes ended, {len(removed)} namespaces removed")
 
     def close(self) -> None:
-        """Closes the relay and the kubelet API (the agent's own listeners)."""
+        """Closes the relay and the kubelet API (the agent's own listeners), thaws every node."""
         self.relay.close()
         self.kubelet_api.close()
+        self.throttle.close()
 
     # -- control commands (control.Controlled) ----------------------------------------------
 
@@ -141,6 +156,7 @@ class NodeAgent:
     def status(self) -> dict[str, Any]:
         return {
             "network": self.network.mode,
+            "slowdown": self.throttle.fractions(),
             "nodes": {
                 n: ("deleted" if not s.registered else "up" if s.up else "down")
                 for n, s in self.nodes.items()
@@ -167,6 +183,18 @@ class NodeAgent:
             return f"{node}: registered again"
         self.heartbeats.resume(state)
         return f"{node}: heartbeats resumed, Ready posted"
+
+    def node_slow(self, node: str, fraction: float) -> str:
+        self.throttle.set(node, fraction)
+        value = None if fraction >= slowdown.FULL_SPEED else f"{fraction:g}"
+        try:
+            self.api.patch(
+                f"/api/v1/nodes/{node}", {"metadata": {"annotations": {SLOWDOWN_ANNOTATION: value}}}
+            )
+        except ApiError as err:
+            if err.status != 404:  # a deleted node keeps its slowdown for when it comes back
+                raise
+        return f"{node}: pods run at {slowdown.describe(fraction)}"
 
     def node_delete(self, node: str) -> str:
         killed = self.pods.kill_node(node, forget=True)

@@ -26,10 +26,11 @@ fresh, runs the first container of every pod bound to its nodes as a local proce
 pod's own network namespace where root allows, see netns.py), gives the process the pod's
 service-account identity through a KUBECONFIG with a pod-bound token, reports pod status like a
 kubelet, honours deletion and restart policies, and takes node-down/up/delete commands on a
-unix socket in its state directory.
+unix socket in its state directory, and slows a node's pods to a fraction of full speed.
 
     python -m ddl_localcluster.nodeagent run --kubeconfig K --cluster CLUSTER.yaml --state-dir D
     python -m ddl_localcluster.nodeagent node-down NAME [--kill-pods] --state-dir D
+    python -m ddl_localcluster.nodeagent node-slow NAME 0.5 --state-dir D   # 1 = full speed
     python -m ddl_localcluster.nodeagent teardown --state-dir D   # after a crash
 """
 
@@ -70,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         ("node-delete", "kill a node's pods and delete the Node"),
     ):
         command(name, text).add_argument("node")
+    slow = command("node-slow", "run a node's pods at a fraction of full speed (a straggler)")
+    slow.add_argument("node")
+    slow.add_argument("fraction", help="0.5 or 50%%: half speed; 1: full speed again")
     command("status", "nodes and pods of the running agent (JSON)")
     command("teardown", "kill leftover pods and remove namespaces (after a crash)")
     return parser
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             "node": getattr(args, "node", ""),
             "kill_pods": getattr(args, "kill_pods", False),
         }
+        if args.command == "node-slow":
+            request["fraction"] = args.fraction
         answer = send(state_dir, request)
     except (OSError, ValueError, TopologyError, ApiError, netns.NetworkError) as err:
         print(f"nodeagent: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The agent's control socket: node-down/up/delete and status requests, and `send()` to ask.
+"""The agent's control socket: node-down/up/delete/slow and status requests, `send()` to ask.
 
 One JSON line in, one JSON line out, on a unix socket in the state directory. The socket's
 thread only parses and waits: the agent's main loop executes each Command (see `execute`), so
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from ddl_localcluster import netns
+from ddl_localcluster.nodeagent import slowdown
 from ddl_localcluster.nodeagent.api import ApiError
 
 SOCKET_NAME: Final = "agent.sock"
@@ -34,6 +35,8 @@ class Command:
     name: str
     node: str = ""
     kill_pods: bool = False
+    # node-slow's speed as sent (a number or text such as "50%"); parsed when executed.
+    fraction: str | float = slowdown.FULL_SPEED
     reply: dict[str, Any] = field(default_factory=dict)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -43,7 +46,12 @@ def parse_command(line: str) -> Command:
     request = json.loads(line)
     if not isinstance(request, dict):
         raise ValueError(f"a request is a JSON object, not {type(request).__name__}")
-    return Command(request["command"], request.get("node", ""), request.get("kill_pods", False))
+    return Command(
+        request["command"],
+        request.get("node", ""),
+        request.get("kill_pods", False),
+        request.get("fraction", slowdown.FULL_SPEED),
+    )
 
 
 def _answer(conn: socket.socket, reply: Mapping[str, Any]) -> None:
@@ -89,6 +97,8 @@ class Controlled(Protocol):
 
     def node_delete(self, node: str) -> str: ...
 
+    def node_slow(self, node: str, fraction: float) -> str: ...
+
 
 def _dispatch(command: Command, target: Controlled) -> Any:
     if command.name == "status":
@@ -102,6 +112,8 @@ def _dispatch(command: Command, target: Controlled) -> Any:
         return target.node_up(command.node)
     if command.name == "node-delete":
         return target.node_delete(command.node)
+    if command.name == "node-slow":
+        return target.node_slow(command.node, slowdown.parse_fraction(command.fraction))
     raise ValueError(f"unknown command {command.name!r}")
 
 

@@ -59,9 +59,12 @@ class PodWorkers:
         state_dir: Path,
         api_port: int,
         pod_of: Callable[[str], Mapping[str, Any] | None],
+        node_prefix: Callable[[str], list[str]] = lambda node: [],
     ) -> None:
         self.api, self.network, self.relay, self.state_dir = api, network, relay, state_dir
         self.api_port, self.pod_of = api_port, pod_of
+        # What a pod's command runs under to join its node (the node's slowdown cgroup).
+        self.node_prefix = node_prefix
         self.runs: dict[str, PodRun] = {}
         # Pods whose object this agent deleted: not admitted again while the API still lists them.
         self.gone: set[str] = set()
@@ -157,7 +160,7 @@ class PodWorkers:
         sandbox = self.network.command_prefix(run.net, pod_hostname(pod), hosts)
         with (run.dir / f"{container['name']}.log").open("ab") as log:
             run.proc = subprocess.Popen(
-                [*sandbox, program, *argv[1:]],
+                [*self.node_prefix(run.node), *sandbox, program, *argv[1:]],
                 cwd=REPO_ROOT,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -249,6 +252,11 @@ class PodWorkers:
                 self._release(run)
                 del self.runs[run.uid]
         return killed
+
+    def process_groups(self, node: str) -> list[int]:
+        """The process groups of a node's running pods (each pod's process leads its own)."""
+        procs = [r.proc for r in list(self.runs.values()) if r.node == node]
+        return [proc.pid for proc in procs if proc is not None]
 
     def stop_all(self) -> int:
         """Stops every pod process (TERM, then KILL after SHUTDOWN_GRACE); how many ran."""

@@ -10,6 +10,7 @@ from typing import Final
 
 from ddl_localcluster import netns
 from ddl_localcluster.nodeagent.control import SOCKET_NAME
+from ddl_localcluster.nodeagent.throttle import cleanup_cgroups
 
 PIDS_DIR: Final = "pids"
 
@@ -40,7 +41,10 @@ def forget_pid(state_dir: Path, uid: str) -> None:
 
 
 def cleanup(state_dir: Path) -> list[str]:
-    """Kills pod processes and removes namespaces a previous agent left (even if SIGKILLed)."""
+    """Kills pod processes, removes node cgroups and namespaces a previous agent left.
+
+    Works after a SIGKILLed agent too: a node frozen at that moment is thawed and emptied.
+    """
     for record in sorted((state_dir / PIDS_DIR).glob("*")):
         try:
             pid, ticks = record.read_text().split()
@@ -50,4 +54,5 @@ def cleanup(state_dir: Path) -> list[str]:
             signal_group(int(pid), signal.SIGKILL)
         record.unlink(missing_ok=True)
     (state_dir / SOCKET_NAME).unlink(missing_ok=True)
+    cleanup_cgroups(state_dir)
     return netns.teardown(state_dir)
