@@ -39,6 +39,7 @@ from ddl_operator.api.models import (
 from ddl_operator.core.domains import Split, find_split
 from ddl_operator.core.placement import GangRequest, Unplaceable, place
 from ddl_operator.core.progress import find_straggler, rank0_summary
+from ddl_operator.core.queueing import Slot
 from ddl_operator.core.render import placement_patch, pod_name, selector, worker_pod
 from ddl_operator.core.reports import Rejected, WorkerReport, parse_report
 from ddl_operator.core.topology import NodeInfo
@@ -51,6 +52,7 @@ REPORT_REJECTED: Final = "ReportRejected"  # some worker's report is ignored (an
 DOMAIN_SPLIT: Final = "DomainSplit"  # placed workers span domains of topology.required
 INVALID_SPEC: Final = "InvalidSpec"  # the spec breaks a rule the CRD should have enforced
 SUSPENDED: Final = "Suspended"  # spec.suspend holds the job (reason: Stopping, Suspended, Resumed)
+QUEUED: Final = "Queued"  # the job waits in the GPU queue (position and what for)
 REJECTIONS_LISTED: Final = 10  # pods named in the ReportRejected condition
 BIND_DEADLINE_SECONDS: Final = 60  # a placed pod unbound for longer is re-placed
 # How long suspending waits for the workers to say they stopped at the stop epoch before it
@@ -190,6 +192,7 @@ class Observed:
     nodes: Sequence[NodeInfo]
     now: dt.datetime
     service_account: str | None
+    queue: Slot | None  # where the job stands in the GPU queue, when the caller keeps one
     by_node: Mapping[str, NodeInfo]
     by_name: Mapping[str, WorkerPod]
     members: Sequence[str]  # the published membership, in rank order
@@ -257,8 +260,12 @@ def reconcile(
     nodes: Sequence[NodeInfo],
     now: dt.datetime,
     service_account: str | None = None,
+    queue: Slot | None = None,
 ) -> Plan:
     """Decides one pass. `nodes` count every placed pod's GPUs (ours included) in `used`.
+
+    With a `queue` slot (core/queueing.py), new workers are placed only on the capacity the
+    slot allows, and a job that must wait says its position and what it waits for.
 
     Every step reads the observation and writes into one plan, whose status is the draft
     that is written once; a step that ends the pass says so.
@@ -276,7 +283,7 @@ def reconcile(
         return plan
     if _refuse_invalid_spec(job, plan, _iso(now)):
         return plan
-    seen = observe(job, pods, nodes, now, service_account)
+    seen = observe(job, pods, nodes, now, service_account, queue)
     if _outcome(seen, plan) or _suspend(seen, plan):
         return plan
     losses = _losses(seen, plan)
@@ -297,6 +304,7 @@ def observe(
     nodes: Sequence[NodeInfo],
     now: dt.datetime,
     service_account: str | None = None,
+    queue: Slot | None = None,
 ) -> Observed:
     """Index the snapshot and say which pods no longer count."""
     by_node = {n.name: n for n in nodes}
@@ -317,6 +325,7 @@ def observe(
         nodes=nodes,
         now=now,
         service_account=service_account,
+        queue=queue,
         by_node=by_node,
         by_name={p.name: p for p in pods},
         members=[m.pod for m in rendezvous.members] if rendezvous else [],
@@ -551,8 +560,9 @@ def _create(seen: Observed, plan: Plan, count: int) -> None:
         plan.create.append(worker_pod(seen.job, next(free_slots), seen.service_account))
 
 
-def _place(seen: Observed, plan: Plan, gang: Gang) -> Unplaceable | None:
-    """Place gated workers: the whole rest of the gang, or as many as fit; else say why."""
+def _gang_request(seen: Observed, gang: Gang) -> GangRequest | None:
+    """The gang to place this pass: the rest of it, at least up to minReplicas; None if
+    nothing is to be placed."""
     if not gang.unplaced:
         return None
     spec = seen.spec
@@ -562,7 +572,28 @@ def _place(seen: Observed, plan: Plan, gang: Gang) -> Unplaceable | None:
     high = min(target, len(keep) + len(gang.unplaced))
     if low > high:
         return None  # fewer workers exist than the smallest gang; those missing are created
-    result = place(seen.nodes, _request(seen.job, low, high, keep))
+    return _request(seen.job, low, high, keep)
+
+
+def pending_request(
+    job: DDLJob, pods: Sequence[WorkerPod], nodes: Sequence[NodeInfo], now: dt.datetime
+) -> GangRequest | None:
+    """What a job asks of the GPU queue now: the gang its next pass would place (a
+    core/queueing.Demand's request); None when it places nothing (finished, suspended,
+    invalid, or every worker placed)."""
+    if job.status.phase in TERMINAL or job.spec.suspend or _spec_problem(job) is not None:
+        return None
+    seen = observe(job, pods, nodes, now)
+    return _gang_request(seen, _scale(seen, Plan(status=job.status)))
+
+
+def _place(seen: Observed, plan: Plan, gang: Gang) -> Unplaceable | None:
+    """Place gated workers: the whole rest of the gang, or as many as fit; else say why."""
+    request = _gang_request(seen, gang)
+    if request is None:
+        return None
+    capacity = seen.queue.nodes if seen.queue is not None else seen.nodes
+    result = place(capacity, request)
     if isinstance(result, Unplaceable):
         return result
     new = [w for w in result.workers if w.pod is None]
@@ -692,6 +723,10 @@ def _conditions(
          split.describe() if split else ""),
         rejections,
     ]  # fmt: skip
+    queue = seen.queue
+    waits_for = queue.waits_for if queue is not None and unschedulable is not None else ""
+    if waits_for or QUEUED in was:
+        states.append((QUEUED, bool(waits_for), "Waiting" if waits_for else "Claimed", waits_for))
     if SUSPENDED in was:  # once suspended, the condition stays and says it resumed
         resumed = "spec.suspend is false; the workers resume from the last checkpoint"
         states.append((SUSPENDED, False, "Resumed", resumed))
@@ -715,7 +750,7 @@ def _conditions(
         replicas=len(members),
         ready_replicas=ready,
         conditions=conditions,
-        message=unschedulable.reason if unschedulable else "",
+        message=waits_for or (unschedulable.reason if unschedulable else ""),
         **rank0_summary(membership.rendezvous, seen.reports),
     )
     if unschedulable or membership.waiting or plan.create or plan.place or plan.delete:
@@ -823,4 +858,4 @@ def _surplus(alive: Sequence[WorkerPod], members: Sequence[str], count: int) -> 
     return sorted(alive, key=cost)[:count]
 
 
-__all__ = ["Event", "Plan", "WorkerPod", "master_port", "pod_name", "reconcile"]
+__all__ = ["Event", "Plan", "WorkerPod", "master_port", "pending_request", "pod_name", "reconcile"]
