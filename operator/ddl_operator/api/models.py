@@ -394,7 +394,8 @@ class Condition(ApiModel):
         "Ready (training), Straggler (a slow worker named), ReportRejected (worker reports "
         "ignored, and why), DomainSplit (workers span domains of topology.required), "
         "InvalidSpec (the spec cannot run: the field is named), Suspended (spec.suspend: reason "
-        "Stopping while workers checkpoint, Suspended once nothing is held, Resumed after)."
+        "Stopping while workers checkpoint, Suspended once nothing is held, Resumed after), "
+        "Queued (waiting behind other jobs for GPUs: position and what it waits for)."
     )
     status: Literal["True", "False", "Unknown"]
     reason: str = ""
