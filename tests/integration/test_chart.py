@@ -39,6 +39,8 @@ def custom_values(watched: list[str], dashboards_namespace: str) -> dict[str, An
         "fullnameOverride": f"ddl-{uuid.uuid4().hex[:6]}",
         "image": {"repository": "registry.example/ml/ddl-operator", "tag": "0.1.0-test"},
         "imagePullSecrets": [{"name": "regcred"}],
+        "replicas": 2,
+        "leaderElection": {"leaseName": "ddl-operator.example.com"},
         "watch": {"allNamespaces": False, "namespaces": watched},
         "worker": {"serviceAccountName": "trainer"},
         "extraArgs": ["--verbose"],
@@ -140,6 +142,8 @@ def test_lint_with_custom_values(tmp_path: Path) -> None:
         ("serviceMonitor.interval=soon", "interval"),
         ("unknownKey=1", "unknownKey"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("replicas=-1", "replicas"),
+        ("leaderElection.leaseName=Not_A_Name", "leaseName"),
     ],
 )
 def test_schema_refuses_bad_values(setting: str, message: str) -> None:
@@ -152,6 +156,15 @@ def test_watching_no_namespace_is_refused(tmp_path: Path) -> None:
     proc = helm("template", "ddl", str(CHART), "--set", "watch.allNamespaces=false", check=False)
     assert proc.returncode != 0
     assert "watch.namespaces must name at least one namespace" in proc.stderr
+
+
+def test_replicas_without_a_leader_are_refused() -> None:
+    proc = helm(
+        "template", "ddl", str(CHART), "--set", "replicas=2",
+        "--set", "leaderElection.enabled=false", check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "replicas > 1 needs leaderElection.enabled" in proc.stderr
 
 
 # ---- rendered manifests -------------------------------------------------------------------
@@ -167,6 +180,8 @@ def test_default_render(tmp_path: Path) -> None:
             "ClusterRole",
             "ClusterRole",
             "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
             "ValidatingAdmissionPolicy",
             "ValidatingAdmissionPolicyBinding",
             "Deployment",
@@ -177,7 +192,9 @@ def test_default_render(tmp_path: Path) -> None:
     )
     (deployment,) = by_kind(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 1
+    # Leader election is on, so a rollout may overlap old and new pods.
+    assert spec["strategy"]["type"] == "RollingUpdate"
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "ddl-operator:0.1.0"
@@ -186,6 +203,8 @@ def test_default_render(tmp_path: Path) -> None:
         "--metrics-port=9090",
         "--liveness-port=8080",
         "--worker-service-account=ddl-worker",
+        "--leader-elect",
+        "--leader-elect-name=ddl-ddl-operator",
     ]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -197,8 +216,33 @@ def test_default_render(tmp_path: Path) -> None:
         "metrics": 9090,
         "health": 8080,
     }
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env == {"DDL_WORKER_CLUSTER_ROLE": "ddl-ddl-operator-worker"}
+    env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"] for e in container["env"]}
+    assert env == {
+        "POD_NAME": {"fieldPath": "metadata.name"},
+        "POD_NAMESPACE": {"fieldPath": "metadata.namespace"},
+        "DDL_WORKER_CLUSTER_ROLE": "ddl-ddl-operator-worker",
+    }
+    # The Lease: get/update of its name only; create cannot be limited by name.
+    (lease_role,) = by_kind(docs, "Role")
+    assert lease_role["metadata"] == {
+        **lease_role["metadata"],
+        "name": "ddl-ddl-operator-leader-election",
+        "namespace": "ddl-system",
+    }
+    assert lease_role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["ddl-ddl-operator"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    (lease_binding,) = by_kind(docs, "RoleBinding")
+    assert lease_binding["roleRef"]["name"] == "ddl-ddl-operator-leader-election"
+    assert lease_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ddl-ddl-operator", "namespace": "ddl-system"}
+    ]
     selector = spec["selector"]["matchLabels"]
     assert not SELECTOR_FORBIDDEN & set(selector)
     assert selector.items() <= spec["template"]["metadata"]["labels"].items()
@@ -232,7 +276,7 @@ def test_custom_render(tmp_path: Path) -> None:
     values = custom_values(["team-a", "team-b"], "monitoring")
     docs = render("ddl-system", values, tmp_path)
     name = values["fullnameOverride"]
-    roles = by_kind(docs, "Role")
+    roles = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == name]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     worker_accounts = [
         d for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"] == "trainer"
@@ -246,8 +290,13 @@ def test_custom_render(tmp_path: Path) -> None:
         for ns in ("team-a", "team-b")
     ]
     (cluster_role,) = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"] == name]
-    resources = {res for rule in cluster_role["rules"] for res in rule["resources"]}
-    assert resources == {"nodes", "customresourcedefinitions"}
+    # Cluster-wide reads only (free GPUs are a cluster property): no pod writes there.
+    grants = {res: rule["verbs"] for rule in cluster_role["rules"] for res in rule["resources"]}
+    assert grants == {
+        "nodes": ["get", "list", "watch"],
+        "pods": ["list", "watch"],
+        "customresourcedefinitions": ["get", "list", "watch"],
+    }
     # The workers' policy: the chart's worker account, in the namespaces it gives one to.
     (policy,) = by_kind(docs, "ValidatingAdmissionPolicy")
     (binding,) = by_kind(docs, "ValidatingAdmissionPolicyBinding")
@@ -266,8 +315,12 @@ def test_custom_render(tmp_path: Path) -> None:
         "--metrics-port=9191",
         "--liveness-port=8181",
         "--worker-service-account=trainer",
+        "--leader-elect",
+        f"--leader-elect-name={values['leaderElection']['leaseName']}",
         "--verbose",
     ]
+    deployment = by_kind(docs, "Deployment")[0]["spec"]
+    assert deployment["replicas"] == 2
     (monitor,) = by_kind(docs, "ServiceMonitor")
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["honorLabels"] is True and endpoint["scrapeTimeout"] == "10s"
@@ -321,6 +374,7 @@ def test_rbac_is_enough_and_no_more(
     values = custom_values([job_ns], "")
     docs = render(namespace, values, tmp_path)
     rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    lease = values["leaderElection"]["leaseName"]
     # The chart gives workers their identity in the namespaces it watches.
     rbac = [d for d in docs if d["kind"] in rbac_kinds]
     kubectl.run("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
@@ -330,14 +384,17 @@ def test_rbac_is_enough_and_no_more(
     try:
 
         def can(user: str, verb: str, resource: str, ns: str | None) -> bool:
+            """`resource` as kubectl takes it: `TYPE[/NAME] [--subresource=SUB]`."""
             scope = ["-n", ns] if ns else []
-            proc = kubectl.run("auth", "can-i", verb, resource, *scope, f"--as={user}", check=False)
+            proc = kubectl.run(
+                "auth", "can-i", verb, *resource.split(), *scope, f"--as={user}", check=False
+            )
             return proc.stdout.strip() == "yes"
 
         allowed = [
             ("list", "ddljobs.ddl-operator.dev", job_ns),
-            ("patch", "ddljobs.ddl-operator.dev/status", job_ns),
-            ("get", "ddljobs.ddl-operator.dev/scale", job_ns),
+            ("patch", "ddljobs.ddl-operator.dev --subresource=status", job_ns),
+            ("get", "ddljobs.ddl-operator.dev --subresource=scale", job_ns),
             ("create", "pods", job_ns),
             ("delete", "pods", job_ns),
             ("create", "services", job_ns),
@@ -347,14 +404,30 @@ def test_rbac_is_enough_and_no_more(
             ("create", "rolebindings", job_ns),
             ("watch", "nodes", None),
             ("list", "customresourcedefinitions", None),
+            # Free GPUs: every unfinished pod, in any namespace, is read (never written).
+            ("list", "pods", None),
+            ("watch", "pods", other_ns),
+            ("create", "leases.coordination.k8s.io", namespace),
+            ("get", f"leases.coordination.k8s.io/{lease}", namespace),
+            ("update", f"leases.coordination.k8s.io/{lease}", namespace),
         ]
         refused = [
             ("get", "secrets", job_ns),
             ("delete", "ddljobs.ddl-operator.dev", job_ns),
             ("create", "ddljobs.ddl-operator.dev", job_ns),
             ("create", "pods", other_ns),
-            ("list", "pods", other_ns),
+            ("get", "pods", other_ns),
+            ("patch", "pods", other_ns),
+            ("delete", "pods", other_ns),
+            ("create", "pods --subresource=eviction", other_ns),
+            ("get", "pods --subresource=log", other_ns),
+            ("create", "pods --subresource=exec", other_ns),
+            ("patch", "pods", None),
             ("patch", "nodes", None),
+            ("update", "leases.coordination.k8s.io/kube-scheduler", namespace),
+            ("get", "leases.coordination.k8s.io/other", namespace),
+            ("delete", f"leases.coordination.k8s.io/{lease}", namespace),
+            ("create", "leases.coordination.k8s.io", job_ns),
             ("list", "namespaces", None),
             ("create", "clusterrolebindings", None),
         ]

@@ -55,6 +55,16 @@ app.kubernetes.io/component: operator
 {{- printf "%s-worker" (include "ddl-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The Lease the operator's replicas elect their leader with. */}}
+{{- define "ddl-operator.leaseName" -}}
+{{- default (include "ddl-operator.fullname" .) .Values.leaderElection.leaseName | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Role (and its binding) that lets the operator hold that Lease. */}}
+{{- define "ddl-operator.leaderElectionRole" -}}
+{{- printf "%s-leader-election" (include "ddl-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{/* The ValidatingAdmissionPolicy (and its binding) that keeps workers to their own pod. */}}
 {{- define "ddl-operator.workerPolicy" -}}
 {{- printf "%s-worker-own-pod" (include "ddl-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
