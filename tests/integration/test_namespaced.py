@@ -55,16 +55,26 @@ def namespaced_release(control_plane: ControlPlane, namespace: str) -> Iterator[
 
 
 def restricted_operator(
-    cp: ControlPlane, kubectl: Kubectl, release: tuple[str, str], tmp_path: Path, *args: str
+    cp: ControlPlane,
+    kubectl: Kubectl,
+    release: tuple[str, str],
+    tmp_path: Path,
+    *args: str,
+    pod: str = "operator",
 ) -> OperatorProcess:
-    """The operator as the chart deploys it: the release's ServiceAccount token, its flags."""
+    """The operator as the chart deploys it: the release's ServiceAccount token, its flags,
+    and the downward API's POD_NAME and POD_NAMESPACE."""
     release_ns, name = release
     token = kubectl.run("create", "token", name, "-n", release_ns, "--duration=1h").stdout.strip()
     return OperatorProcess(
-        token_kubeconfig(cp, token, tmp_path / "operator.kubeconfig"),
-        tmp_path / "operator.log",
+        token_kubeconfig(cp, token, tmp_path / f"{pod}.kubeconfig"),
+        tmp_path / f"{pod}.log",
         args=("--worker-service-account=ddl-worker", *args),
-        env={"DDL_WORKER_CLUSTER_ROLE": f"{name}-worker"},
+        env={
+            "DDL_WORKER_CLUSTER_ROLE": f"{name}-worker",
+            "POD_NAME": pod,
+            "POD_NAMESPACE": release_ns,
+        },
     )
 
 
@@ -131,5 +141,62 @@ def test_operator_runs_jobs_in_its_namespaces_only(
         assert not refusals(restricted.log_path), "\n".join(refusals(restricted.log_path))
     finally:
         restricted.stop()
+        fake.delete()
+        operator.start()
+
+
+def wait_for_holder(kubectl: Kubectl, namespace: str, lease: str, holder: str) -> None:
+    kubectl.run("wait", "--for=create", f"lease/{lease}", "-n", namespace, "--timeout=60s")
+    proc = kubectl.run(
+        "wait", f"lease/{lease}", "-n", namespace,
+        f"--for=jsonpath={{.spec.holderIdentity}}={holder}", "--timeout=60s", check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        spec = kubectl.get_json("lease", lease, "-n", namespace)["spec"]
+        raise AssertionError(f"{holder} never held {lease}: {spec}")
+
+
+@pytest.mark.usefixtures("kwok", "crd_installed")
+def test_replicas_elect_a_leader_on_the_charts_lease(
+    control_plane: ControlPlane,
+    kubectl: Kubectl,
+    namespace: str,
+    namespaced_release: tuple[str, str],
+    tmp_path: Path,
+    operator: OperatorProcess,
+) -> None:
+    """Two replicas as the chart runs them (`--leader-elect`, the release's token): one holds
+    the Lease and reconciles, the standby answers its liveness probe, and takes over."""
+    release_ns, name = namespaced_release
+    operator.stop()
+    args = (f"--namespace={namespace}", "--leader-elect", f"--leader-elect-name={name}")
+    first, second = (
+        restricted_operator(
+            control_plane, kubectl, namespaced_release, tmp_path, *args, pod=f"{name}-{pod}"
+        )
+        for pod in ("a", "b")
+    )
+    fake = make_fake_cluster(kubectl, zones=1, racks=1, nodes=2, gpus=8)
+    try:
+        first.start()
+        wait_for_holder(kubectl, release_ns, name, f"{name}-a")
+        # The standby is live (its probe must pass, or the kubelet would restart it) and
+        # leaves the Lease alone.
+        second.start()
+        submit(kubectl, namespace, fake, "led", replicas=2, gpus=8)
+        wait_for(kubectl, namespace, "led", "{.status.phase}", "Running")
+        lease = kubectl.get_json("lease", name, "-n", release_ns)["spec"]
+        assert lease["holderIdentity"] == f"{name}-a", lease
+
+        first.stop()  # hands the Lease back on the way out
+        wait_for_holder(kubectl, release_ns, name, f"{name}-b")
+        kubectl.run("scale", "ddlj/led", "-n", namespace, "--replicas=1")
+        wait_for(kubectl, namespace, "led", "{.status.replicas}", "1")
+        for candidate in (first, second):
+            found = refusals(candidate.log_path)
+            assert not found, "\n".join(found)
+    finally:
+        first.stop()
+        second.stop()
         fake.delete()
         operator.start()
