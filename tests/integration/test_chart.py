@@ -194,7 +194,10 @@ def test_default_render(tmp_path: Path) -> None:
     spec = deployment["spec"]
     assert spec["replicas"] == 1
     # Leader election is on, so a rollout may overlap old and new pods.
-    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "ddl-operator:0.1.0"
