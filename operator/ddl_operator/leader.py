@@ -10,6 +10,7 @@ that ends before the renew deadline can pass unnoticed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -93,9 +94,16 @@ class LeaderElector:
             raise RuntimeError("acquire() called twice")
         loop = asyncio.get_running_loop()
         acquired = asyncio.Event()
+
+        def signal_acquired() -> None:
+            # The loop may be gone if acquire() was cancelled at shutdown; the thread then
+            # sees the stop and releases what it just took.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(acquired.set)
+
         self._thread = threading.Thread(
             target=self._run,
-            args=(lambda: loop.call_soon_threadsafe(acquired.set),),
+            args=(signal_acquired,),
             name="leader-election",
             daemon=True,
         )
