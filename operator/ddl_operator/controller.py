@@ -8,6 +8,11 @@ keys off the queue, reads the job and its own pods, takes free capacity from the
 runs the pure core and applies the plan. A key is never reconciled twice at once; the one
 serialised step is claiming GPUs (decide on the cache's capacity, reserve in the cache), so
 two gangs never claim the same free GPUs while API calls of different jobs overlap.
+
+A pass that fails goes back to the queue with a per-job exponential back-off (a 409 from a
+stale read retries soon, silently), and the job says why in a ReconcileError condition and
+one Warning event per new reason; its next successful pass clears the condition. With
+leader election, the cache warms on a standby but the workers start only once it leads.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import threading
+import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Final
 
 import kopf
+import urllib3
 from kubernetes import client
 
 from ddl_operator import metrics
@@ -43,126 +50,117 @@ from ddl_operator.core.validate import (
     spec_errors,
 )
 from ddl_operator.kube import Kube, Snapshot
+from ddl_operator.leader import LeaderElector
+from ddl_operator.runtime import JobKey, Runtime, Settings, WorkQueue
 
 log = logging.getLogger("ddl_operator")
 
-JobKey = tuple[str, str]  # (namespace, name)
-WORKERS = 4
-RESYNC_SECONDS = 60.0
+RESYNC_SECONDS: Final = 60.0
+ERROR_CONDITION: Final = "ReconcileError"
+# Exit status when the Lease is lost (client-go's controllers exit too): the process must not
+# reconcile beside the new leader, and its restart comes back as a standby.
+LOST_LEASE_EXIT: Final = 3
+_API_ERRORS: Final = (client.ApiException, urllib3.exceptions.HTTPError, OSError)
 
 
-@dataclass
-class Settings:
-    """Operator options from the command line."""
+@dataclass(frozen=True)
+class Outcome:
+    """What a pass tells the event loop: when to look again, and what the job waits for."""
 
-    worker_service_account: str | None = None
-    # ClusterRole bound to the workers' account in each job namespace (the chart's worker role).
-    worker_cluster_role: str | None = None
-    workers: int = WORKERS
-
-
-SETTINGS = Settings()
+    requeue_after: float | None = None
+    wants_gpus: bool = False  # freed capacity or a changed node may let it grow
+    gone: bool = False  # deleted: forget it
 
 
-@dataclass
-class WorkQueue:
-    """Deduplicating delayed queue of job keys (controller-runtime's model, in asyncio)."""
+@dataclass(frozen=True)
+class PassError:
+    """Why a pass failed, as the job's condition says it."""
 
-    ready: asyncio.Queue[JobKey] = field(default_factory=asyncio.Queue)
-    queued: set[JobKey] = field(default_factory=set)
-    active: set[JobKey] = field(default_factory=set)
-    dirty: set[JobKey] = field(default_factory=set)
-    timers: dict[JobKey, asyncio.TimerHandle] = field(default_factory=dict)
-
-    def add(self, key: JobKey) -> None:
-        if key in self.active:
-            self.dirty.add(key)  # reconcile again once the running pass ends
-        elif key not in self.queued:
-            self.queued.add(key)
-            self.ready.put_nowait(key)
-
-    def add_after(self, key: JobKey, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        old = self.timers.get(key)
-        due = loop.time() + delay
-        if old is not None and old.when() <= due:
-            return
-        if old is not None:
-            old.cancel()
-        self.timers[key] = loop.call_at(due, self._fire, key)
-
-    def _fire(self, key: JobKey) -> None:
-        self.timers.pop(key, None)
-        self.add(key)
-
-    async def get(self) -> JobKey:
-        key = await self.ready.get()
-        self.queued.discard(key)
-        self.active.add(key)
-        return key
-
-    def done(self, key: JobKey) -> None:
-        self.active.discard(key)
-        if key in self.dirty:
-            self.dirty.discard(key)
-            self.add(key)
+    reason: str  # the API's status reason (Forbidden, ...) or the exception's class
+    message: str
+    conflict: bool = False  # 409: written on a stale read; retried, not shown
 
 
-QUEUE: WorkQueue | None = None
-KUBE: Kube | None = None
-CACHE: ClusterCache | None = None
-EXECUTOR: ThreadPoolExecutor | None = None
-# Held only while a pass decides on free capacity and reserves it in the cache.
-CLAIM_LOCK = threading.Lock()
-KNOWN_JOBS: set[JobKey] = set()
-# Jobs that want GPUs they do not hold: freed capacity or a changed node may let them grow.
-PENDING_JOBS: set[JobKey] = set()
-TASKS: list[asyncio.Task[None]] = []
+def pass_error(err: Exception) -> PassError:
+    """The reason and message of a failed pass: the API's Status when it sent one."""
+    if isinstance(err, client.ApiException):
+        try:
+            status: Any = json.loads(err.body) if err.body else {}
+        except ValueError:
+            status = {}
+        if not isinstance(status, dict):
+            status = {}
+        phrase = "".join(str(err.reason or "").title().split())
+        reason = str(status.get("reason") or "") or phrase or f"Status{err.status}"
+        message = str(status.get("message") or "") or f"{err.status} {err.reason}"
+        return PassError(reason, message, conflict=err.status == 409)
+    return PassError(type(err).__name__, str(err) or type(err).__name__)
 
 
-def _queue() -> WorkQueue:
-    assert QUEUE is not None, "operator not started"
-    return QUEUE
+def error_status(
+    status: Mapping[str, Any], error: PassError, stamp: str
+) -> tuple[dict[str, Any], bool] | None:
+    """`status` (as stored) with a ReconcileError condition saying `error`, and whether the
+    reason is news (worth an event); None when the status says so already, so a job that
+    keeps failing the same way costs no writes."""
+    conditions = [x for x in status.get("conditions") or [] if isinstance(x, Mapping)]
+    previous = next((x for x in conditions if x.get("type") == ERROR_CONDITION), None)
+    held = previous is not None and previous.get("status") == "True"
+    message = error.message[:1024]
+    said = (previous or {}).get("reason"), (previous or {}).get("message")
+    if held and said == (error.reason, message):
+        return None
+    condition = {
+        "type": ERROR_CONDITION,
+        "status": "True",
+        "reason": error.reason,
+        "message": message,
+        "lastTransitionTime": (previous or {}).get("lastTransitionTime") if held else stamp,
+    }
+    kept = [dict(x) for x in conditions if x.get("type") != ERROR_CONDITION]
+    news = not held or said[0] != error.reason
+    return {**status, "conditions": [*kept, condition]}, news
 
 
-def reconcile_job(key: JobKey) -> float | None:
-    """One pass for one job (runs in a thread). Returns when to look again, or None."""
+# -- one pass (runs in a reconcile thread) ------------------------------------------------------
+
+
+def reconcile_job(rt: Runtime, key: JobKey) -> Outcome:
+    """One pass for one job. Raises what the API raised; the worker backs off."""
     started = time.perf_counter()
     try:
-        return _pass(key)
+        return _pass(rt, key)
     finally:
         elapsed = time.perf_counter() - started
         metrics.RECONCILE_SECONDS.observe(elapsed)
         log.debug("%s/%s: pass took %.0f ms", *key, elapsed * 1000)
 
 
-def _pass(key: JobKey) -> float | None:
-    assert KUBE is not None and CACHE is not None
+def _pass(rt: Runtime, key: JobKey) -> Outcome:
+    kube, cache, settings = rt.kube, rt.cache, rt.settings
     namespace, name = key
-    if not CACHE.synced:
-        return 1.0  # free capacity is unknown until the first lists are in
-    snap = KUBE.snapshot(namespace, name)
+    if not cache.synced:
+        return Outcome(1.0)  # free capacity is unknown until the first lists are in
+    snap = kube.snapshot(namespace, name)
     if snap is None:
-        KNOWN_JOBS.discard(key)
-        PENDING_JOBS.discard(key)
-        _forget_metrics(namespace, name)
-        return None
+        _forget_metrics(rt, namespace, name)
+        return Outcome(gone=True)
     now = dt.datetime.now(dt.UTC)
     errors = spec_errors(snap.job)
     if errors:
         # Nothing can be rendered: say which field, and wait for the job to change.
-        _refuse(snap, snap.job.status, errors, now, UNUSABLE_TEMPLATE, [])
-        return None
+        _refuse(rt, snap, snap.job.status, errors, now, UNUSABLE_TEMPLATE, [])
+        return Outcome()
     # Reservations of ours that an earlier pass made but could not write: these pods are
     # still unplaced (this snapshot was read after that pass ended), so they hold nothing.
     for pod in snap.pods:
         if not pod.placed_on:
-            CACHE.forget((namespace, pod.name))
+            cache.forget((namespace, pod.name))
     t0 = time.perf_counter()
 
     def decide(view: Snapshot) -> Plan:
         return reconcile(
-            view.job, view.pods, view.nodes, now, service_account=SETTINGS.worker_service_account
+            view.job, view.pods, view.nodes, now, service_account=settings.worker_service_account
         )
 
     # A job with unplaced workers goes straight to the serialised step; others decide
@@ -171,42 +169,41 @@ def _pass(key: JobKey) -> float | None:
     if plan is None or plan.place:
         # Decide on capacity read under the lock, and reserve what was chosen before the
         # next job reads it; the API writes happen after the lock is released.
-        with CLAIM_LOCK:
-            snap = replace(snap, nodes=KUBE.node_infos(snap.job))
+        with rt.claim_lock:
+            snap = replace(snap, nodes=kube.node_infos(snap.job))
             plan = decide(snap)
-            _reserve(CACHE, snap, plan)
+            _reserve(cache, snap, plan)
     metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - t0)
     identity = (
-        (SETTINGS.worker_service_account, SETTINGS.worker_cluster_role)
-        if SETTINGS.worker_service_account and SETTINGS.worker_cluster_role
+        (settings.worker_service_account, settings.worker_cluster_role)
+        if settings.worker_service_account and settings.worker_cluster_role
         else None
     )
     try:
-        KUBE.apply(snap, plan, identity)
+        kube.apply(snap, plan, identity)
     except client.ApiException as err:
         errors = _refused_children(err, snap.job)
         if not errors:
             raise
         # The rest of the plan still applies (losses, placement of existing workers).
         plan = replace(plan, create=[])
-        _refuse(snap, plan.status, errors, now, CHILD_REFUSED, plan.events, plan, identity)
-        return None
+        _refuse(rt, snap, plan.status, errors, now, CHILD_REFUSED, plan.events, plan, identity)
+        return Outcome()
     status = plan.status
     pending = max(0, snap.job.spec.replicas - status.replicas) * snap.job.spec.gpus_per_worker
-    if pending or status.phase in ("Pending", "Placing", "Rescaling"):
-        PENDING_JOBS.add(key)
-    else:
-        PENDING_JOBS.discard(key)
     metrics.PENDING_GPUS.labels(namespace, name).set(pending)
     metrics.JOB_EPOCH.labels(namespace, name).set(status.epoch)
     metrics.JOB_RESTARTS.labels(namespace, name).set(status.restarts)
     unsched = next((x for x in status.conditions if x.type == "Unschedulable"), None)
     _set_unschedulable(
-        namespace, name, unsched.reason if unsched and unsched.status == "True" else None
+        rt, namespace, name, unsched.reason if unsched and unsched.status == "True" else None
     )
     for event in plan.events:
         log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
-    return plan.requeue_after or None
+    return Outcome(
+        plan.requeue_after or None,
+        wants_gpus=bool(pending) or status.phase in ("Pending", "Placing", "Rescaling"),
+    )
 
 
 def _reserve(cache: ClusterCache, snap: Snapshot, plan: Plan) -> None:
@@ -235,6 +232,7 @@ def _refused_children(err: client.ApiException, job: DDLJob) -> list[FieldError]
 
 
 def _refuse(
+    rt: Runtime,
     snap: Snapshot,
     status: DDLJobStatus,
     errors: list[FieldError],
@@ -246,70 +244,151 @@ def _refuse(
 ) -> None:
     """Writes the InvalidSpec condition (with `plan`'s other changes); one event per new
     reason. The status stays the same while the errors do, so no write loop follows."""
+    # This pass got through: an earlier pass's ReconcileError no longer holds.
+    status = status.model_copy(
+        update={"conditions": [x for x in status.conditions if x.type != ERROR_CONDITION]}
+    )
     invalid, event = invalid_status(snap.job, status, errors, now, reason)
     if event is not None:
         log.warning("%s/%s: %s", snap.job.metadata.namespace, snap.job.metadata.name, event.message)
     base = plan or Plan(status=invalid)
-    assert KUBE is not None
-    KUBE.apply(
+    rt.kube.apply(
         snap,
         replace(base, status=invalid, events=[*events, *([event] if event else [])]),
         identity,
     )
 
 
-_UNSCHED_REASONS: dict[JobKey, str] = {}
-
-
-def _set_unschedulable(namespace: str, name: str, reason: str | None) -> None:
-    old = _UNSCHED_REASONS.pop((namespace, name), None)
+def _set_unschedulable(rt: Runtime, namespace: str, name: str, reason: str | None) -> None:
+    old = rt.unschedulable.pop((namespace, name), None)
     if old is not None:
         metrics.UNSCHEDULABLE.remove(namespace, name, old)
     if reason is not None:
         metrics.UNSCHEDULABLE.labels(namespace, name, reason).set(1)
-        _UNSCHED_REASONS[(namespace, name)] = reason
+        rt.unschedulable[(namespace, name)] = reason
 
 
-def _forget_metrics(namespace: str, name: str) -> None:
-    for gauge in (metrics.PENDING_GPUS, metrics.JOB_EPOCH, metrics.JOB_RESTARTS):
+def _forget_metrics(rt: Runtime, namespace: str, name: str) -> None:
+    for gauge in (
+        metrics.PENDING_GPUS,
+        metrics.JOB_EPOCH,
+        metrics.JOB_RESTARTS,
+        metrics.JOB_PASS_FAILURES,
+    ):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
-    _set_unschedulable(namespace, name, None)
+    _set_unschedulable(rt, namespace, name, None)
 
 
-async def _worker(queue: WorkQueue) -> None:
+def _attempt(rt: Runtime, key: JobKey) -> Outcome | PassError:
+    """A pass, and what its failure is; a failure that is not a conflict goes on the job."""
+    try:
+        return reconcile_job(rt, key)
+    except _API_ERRORS as err:
+        error = pass_error(err)
+    except Exception as err:  # a bug: keep the traceback, and still back off
+        log.exception("%s/%s: pass failed", *key)
+        error = pass_error(err)
+    if not error.conflict:
+        report_error(rt, key, error)
+    return error
+
+
+def report_error(rt: Runtime, key: JobKey, error: PassError) -> None:
+    """Best effort: the ReconcileError condition on a fresh read of the job (its
+    resourceVersion guards the write), and a Warning event when the reason is new."""
+    namespace, name = key
+    try:
+        body = rt.kube.get_job(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        update = error_status(body.get("status") or {}, error, stamp)
+        if update is None:
+            return
+        status, news = update
+        # Its watch event brings nothing a pass needs: the retry waits for its back-off.
+        rt.echoes[key] = rt.kube.replace_status(body, status)
+    except _API_ERRORS as err:
+        log.warning("%s/%s: could not write %s: %s", namespace, name, ERROR_CONDITION, err)
+        return
+    if news:
+        event = Event("Warning", ERROR_CONDITION, f"{error.reason}: {error.message}")
+        try:
+            rt.kube.post_events(body, [event])
+        except _API_ERRORS as err:  # the condition holds the truth
+            log.warning("%s/%s: could not post event: %s", namespace, name, err)
+
+
+# -- the event loop's side ----------------------------------------------------------------------
+
+
+def _settle(rt: Runtime, key: JobKey, result: Outcome | PassError) -> None:
+    """Back on the loop: back off after a failure, requeue and file the job after a pass."""
+    queue, namespace, name = rt.queue, *key
+    if isinstance(result, PassError):
+        # Capacity events must not bypass a broken job's back-off; its retries still come.
+        rt.pending_jobs.discard(key)
+        if result.conflict:
+            delay = queue.add_conflicted(key)
+            metrics.RECONCILE_ERRORS.labels("Conflict").inc()
+            log.info("%s/%s: stale read (409); retrying in %.2g s", namespace, name, delay)
+            return
+        delay = queue.add_rate_limited(key)
+        failures = queue.failures[key]
+        metrics.RECONCILE_ERRORS.labels(result.reason).inc()
+        metrics.JOB_PASS_FAILURES.labels(namespace, name).set(failures)
+        log.warning(
+            "%s/%s: pass failed (%s: %s); retry %d in %.3g s",
+            namespace, name, result.reason, result.message, failures, delay,
+        )  # fmt: skip
+        return
+    if result.gone:
+        queue.forget(key)
+        rt.known_jobs.discard(key)
+        rt.pending_jobs.discard(key)
+        rt.echoes.pop(key, None)
+        return
+    if queue.backing_off(key):
+        metrics.JOB_PASS_FAILURES.labels(namespace, name).set(0)
+    queue.forget(key)
+    if result.wants_gpus:
+        rt.pending_jobs.add(key)
+    else:
+        rt.pending_jobs.discard(key)
+    if result.requeue_after is not None:
+        queue.add_after(key, result.requeue_after)
+
+
+async def _worker(rt: Runtime) -> None:
     loop = asyncio.get_running_loop()
     while True:
-        key = await queue.get()
+        key = await rt.queue.get()
         try:
-            delay = await loop.run_in_executor(EXECUTOR, reconcile_job, key)
-        except Exception:
-            log.exception("reconcile of %s/%s failed; retrying", *key)
-            delay = 5.0
+            result = await loop.run_in_executor(rt.executor, _attempt, rt, key)
         finally:
-            queue.done(key)
-        if delay is not None:
-            queue.add_after(key, delay)
+            rt.queue.done(key)
+        _settle(rt, key, result)
 
 
-async def _resync(queue: WorkQueue) -> None:
-    """Level-triggered safety net: look at every known job now and then."""
+async def _resync(rt: Runtime) -> None:
+    """Level-triggered safety net: look at every known job now and then (a job backing off
+    is looked at when its retry is due)."""
     while True:
-        await asyncio.to_thread(_count_phases)
+        await asyncio.to_thread(_count_phases, rt)
         await asyncio.sleep(RESYNC_SECONDS)
-        for key in list(KNOWN_JOBS):
-            queue.add(key)
+        for key in list(rt.known_jobs):
+            if not rt.queue.backing_off(key):
+                rt.queue.add(key)
 
 
-def _count_phases() -> None:
-    assert KUBE is not None
+def _count_phases(rt: Runtime) -> None:
     try:
-        jobs = KUBE.custom.list_cluster_custom_object(c.GROUP, c.VERSION, c.PLURAL)["items"]
-    except client.ApiException as err:
-        log.warning("could not list jobs for metrics: %s", err.reason)
+        jobs = rt.kube.list_jobs(rt.settings.namespaces)
+    except _API_ERRORS as err:
+        log.warning("could not list jobs for metrics: %s", err)
         return
     counts: dict[str, int] = {}
-    job: dict[str, Any]
     for job in jobs:
         phase = (job.get("status") or {}).get("phase", "Pending")
         counts[phase] = counts.get(phase, 0) + 1
@@ -317,36 +396,77 @@ def _count_phases() -> None:
         metrics.JOBS.labels(phase).set(counts.get(phase, 0))
 
 
-# -- kopf handlers ----------------------------------------------------------------------------
-
-
-def _callbacks(loop: asyncio.AbstractEventLoop, queue: WorkQueue) -> Callbacks:
-    """Cache events (on its watch threads) enqueue the jobs they may concern, on the loop."""
+def _build(settings: Settings, loop: asyncio.AbstractEventLoop) -> Runtime:
+    """The runtime with its cache started: cache events (on the watch threads) enqueue the
+    jobs they may concern, on the loop, where the job sets live."""
 
     def enqueue(keys: set[JobKey]) -> None:
         for key in keys:
-            queue.add(key)
+            rt.queue.add(key)
 
     def node_changed(node: str) -> None:
         # Capacity or readiness changed: jobs waiting for GPUs, and jobs with a worker there.
-        assert CACHE is not None
-        loop.call_soon_threadsafe(enqueue, PENDING_JOBS | CACHE.jobs_on(node))
+        jobs = rt.cache.jobs_on(node)
+        loop.call_soon_threadsafe(lambda: enqueue(rt.pending_jobs | jobs))
 
     def capacity_freed(_nodes: frozenset[str]) -> None:
-        loop.call_soon_threadsafe(enqueue, set(PENDING_JOBS))
+        loop.call_soon_threadsafe(lambda: enqueue(set(rt.pending_jobs)))
 
     def worker_event(job: JobKey) -> None:
-        loop.call_soon_threadsafe(queue.add, job)
+        loop.call_soon_threadsafe(rt.queue.add, job)
 
     def relisted(_kind: str) -> None:
-        loop.call_soon_threadsafe(enqueue, set(KNOWN_JOBS))  # events were missed
+        loop.call_soon_threadsafe(lambda: enqueue(set(rt.known_jobs)))  # events were missed
 
-    return Callbacks(node_changed, capacity_freed, worker_event, relisted)
+    # The cache has a client (and connection pool) of its own, so its watches never wait
+    # for a connection that reconcile passes hold.
+    cache = ClusterCache(
+        client.CoreV1Api(load_client()),
+        Callbacks(node_changed, capacity_freed, worker_event, relisted),
+    )
+    rt = Runtime(
+        settings=settings,
+        queue=WorkQueue(),
+        kube=Kube(load_client(), cache),
+        cache=cache,
+        executor=ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile"),
+    )
+    cache.start()
+    return rt
+
+
+def _start_reconciling(rt: Runtime) -> None:
+    loop = asyncio.get_running_loop()
+    rt.tasks.extend(loop.create_task(_worker(rt)) for _ in range(rt.settings.workers))
+    rt.tasks.append(loop.create_task(_resync(rt)))
+
+
+async def _lead(rt: Runtime, elector: LeaderElector) -> None:
+    """Reconcile once the Lease is ours; until then the cache warms and events queue up."""
+    await elector.acquire()
+    log.info("leader election: leading, reconciling %d known jobs", len(rt.known_jobs))
+    _start_reconciling(rt)
+
+
+def _lost_lease() -> None:
+    """On the renew thread: another replica leads now, so this one stops at once."""
+    log.critical("leader election: Lease lost; exiting so that only the new leader reconciles")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(LOST_LEASE_EXIT)
+
+
+def _runtime(memo: Any) -> Runtime:
+    rt = memo.get("runtime") if isinstance(memo, Mapping) else None
+    assert isinstance(rt, Runtime), "operator not started"
+    return rt
+
+
+# -- kopf handlers ----------------------------------------------------------------------------
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    global QUEUE, KUBE, CACHE, EXECUTOR
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=c.GROUP, key="last-handled-configuration"
@@ -358,33 +478,41 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.networking.connect_timeout = 5
     settings.networking.request_timeout = 30
-    QUEUE = WorkQueue()
-    loop = asyncio.get_running_loop()
-    # The cache has a client (and connection pool) of its own, so its watches never wait
-    # for a connection that reconcile passes hold.
-    CACHE = ClusterCache(client.CoreV1Api(load_client()), _callbacks(loop, QUEUE))
-    CACHE.start()
-    KUBE = Kube(load_client(), CACHE)
-    EXECUTOR = ThreadPoolExecutor(SETTINGS.workers, thread_name_prefix="reconcile")
-    TASKS.extend(loop.create_task(_worker(QUEUE)) for _ in range(SETTINGS.workers))
-    TASKS.append(loop.create_task(_resync(QUEUE)))
+    options = memo.get("settings")
+    rt = _build(
+        options if isinstance(options, Settings) else Settings(), asyncio.get_running_loop()
+    )
+    memo["runtime"] = rt
+    lease = rt.settings.lease
+    if lease is None:
+        _start_reconciling(rt)
+        return
+    # Return now: kopf's liveness must answer on a standby, which may wait for ever.
+    rt.elector = LeaderElector(load_client(), lease, _lost_lease)
+    rt.tasks.append(asyncio.get_running_loop().create_task(_lead(rt, rt.elector)))
 
 
 @kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    for task in TASKS:
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    rt = memo.get("runtime")
+    if not isinstance(rt, Runtime):
+        return
+    for task in rt.tasks:
         task.cancel()
-    if CACHE is not None:
-        await asyncio.to_thread(CACHE.stop)
-    if EXECUTOR is not None:
-        EXECUTOR.shutdown(wait=False, cancel_futures=True)
+    await asyncio.gather(*rt.tasks, return_exceptions=True)
+    await asyncio.to_thread(rt.close)
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
-def job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
+def job_event(
+    type: str, name: str, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    rt = _runtime(memo)
     key = (namespace or "", name)
     if type == "DELETED":
-        KNOWN_JOBS.discard(key)
+        rt.known_jobs.discard(key)
     else:
-        KNOWN_JOBS.add(key)
-    _queue().add(key)
+        rt.known_jobs.add(key)
+        if rt.echoes.get(key) == body.get("metadata", {}).get("resourceVersion"):
+            return  # the echo of our own status write: nothing changed that a pass reads
+    rt.queue.add(key)

@@ -95,15 +95,49 @@ class Kube:
             pod_spec.get("tolerations") or [], pod_spec.get("nodeSelector") or {}
         )
 
+    def list_jobs(self, namespaces: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Every DDLJob, or those of `namespaces` (namespaced RBAC refuses the cluster list)."""
+        if not namespaces:
+            items: list[dict[str, Any]] = self.custom.list_cluster_custom_object(
+                c.GROUP, c.VERSION, c.PLURAL
+            )["items"]
+            return items
+        return [
+            job
+            for ns in namespaces
+            for job in self.custom.list_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL)[
+                "items"
+            ]
+        ]
+
     # -- writing ----------------------------------------------------------------------------
+
+    def replace_status(self, body: Mapping[str, Any], status: Mapping[str, Any]) -> str:
+        """Write `status` over the job `body` was read as; returns the new resourceVersion.
+
+        Replace, not patch: cleared fields must go, and the resourceVersion in `body` makes a
+        write based on a stale read fail with 409 (and retry) instead of clobbering.
+        """
+        meta = body["metadata"]
+        written: dict[str, Any] = self.custom.replace_namespaced_custom_object_status(
+            c.GROUP,
+            c.VERSION,
+            meta["namespace"],
+            c.PLURAL,
+            meta["name"],
+            {**body, "status": status},
+        )
+        version: str = written["metadata"]["resourceVersion"]
+        return version
 
     def apply(
         self, snap: Snapshot, plan: Plan, worker_identity: tuple[str, str] | None = None
-    ) -> None:
+    ) -> str | None:
         """Children first, then the status once; events only after the status write.
 
         `worker_identity` is (service account, cluster role): workers need to read their
         job and report on their pod, so each namespace gets that account bound to the role.
+        Returns the resourceVersion of the status written, None when it was unchanged.
         """
         job = snap.job
         ns = job.metadata.namespace
@@ -146,19 +180,12 @@ class Kube:
         self._each(place, plan.place)
         self._each(delete, plan.delete)
         new_status = plan.status.model_dump(by_alias=True, exclude_none=True, mode="json")
+        written = None
         if new_status != snap.body.get("status"):
-            # Replace, not patch: cleared fields must go, and the resourceVersion makes a
-            # pass that read a stale job fail with 409 (and retry) instead of clobbering.
-            self.custom.replace_namespaced_custom_object_status(
-                c.GROUP,
-                c.VERSION,
-                ns,
-                c.PLURAL,
-                job.metadata.name,
-                {**snap.body, "status": new_status},
-            )
+            written = self.replace_status(snap.body, new_status)
         if plan.events:  # best effort, after the status write; the pass need not wait
             self._fanout.submit(self.post_events, snap.body, plan.events)
+        return written
 
     def _each(self, call: Callable[[T], None], items: Sequence[T]) -> None:
         """`call` on every item at once; once all are done, the first error is raised."""

@@ -41,3 +41,14 @@ CACHE_WATCH_ERRORS: Final = Counter(
     "Node/pod watches of the cache that broke (connection, timeout, server error).",
     ["kind"],
 )
+RECONCILE_ERRORS: Final = Counter(
+    "ddl_operator_reconcile_errors_total",
+    "Reconcile passes that failed, by reason: the API's status reason or the exception's "
+    "class (Conflict: a write on a stale read, retried soon and not shown on the job).",
+    ["reason"],
+)
+JOB_PASS_FAILURES: Final = Gauge(
+    "ddl_operator_job_pass_failures",
+    "Passes of a job that failed in a row (its retries back off); 0 once one succeeds.",
+    ["namespace", "job"],
+)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import pytest
 from kubernetes import client
@@ -16,6 +17,7 @@ from ddl_operator.core.reconcile import Plan
 from ddl_operator.core.topology import NodeInfo
 from ddl_operator.core.validate import CHILD_REFUSED, CONDITION, UNUSABLE_TEMPLATE
 from ddl_operator.kube import Snapshot
+from ddl_operator.runtime import Runtime, Settings, WorkQueue
 
 from builders import make_ddljob, set_path
 
@@ -60,11 +62,22 @@ class FakeCache:
 
 
 @pytest.fixture
-def kube(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKube]:
-    fake = FakeKube(*request.param)
-    monkeypatch.setattr(controller, "KUBE", fake)
-    monkeypatch.setattr(controller, "CACHE", FakeCache(), raising=False)
-    yield fake
+def kube(request: pytest.FixtureRequest) -> Iterator[FakeKube]:
+    yield FakeKube(*request.param)
+
+
+@pytest.fixture
+def runtime(kube: FakeKube) -> Iterator[Runtime]:
+    """The operator's runtime around the fakes (built by hand: no cluster, no loop)."""
+    executor = ThreadPoolExecutor(1)
+    yield Runtime(
+        settings=Settings(),
+        queue=WorkQueue(),
+        kube=cast(Any, kube),
+        cache=cast(Any, FakeCache()),
+        executor=executor,
+    )
+    executor.shutdown()
 
 
 def _invalid(plan: Plan) -> str:
@@ -94,8 +107,9 @@ POD_REFUSED = {
 
 
 @pytest.mark.parametrize("kube", [(UNUSABLE,)], indirect=True)
-def test_an_unusable_template_is_reported_not_raised(kube: FakeKube) -> None:
-    assert controller.reconcile_job(("ml", "job")) is None  # looked at again when it changes
+def test_an_unusable_template_is_reported_not_raised(kube: FakeKube, runtime: Runtime) -> None:
+    outcome = controller.reconcile_job(runtime, ("ml", "job"))
+    assert outcome == controller.Outcome()  # looked at again when it changes
     (plan,) = kube.applied
     assert not plan.create and not plan.place and not plan.delete
     assert _invalid(plan) == (
@@ -106,8 +120,8 @@ def test_an_unusable_template_is_reported_not_raised(kube: FakeKube) -> None:
 
 
 @pytest.mark.parametrize("kube", [(MOUNT, POD_REFUSED)], indirect=True)
-def test_a_refused_worker_pod_is_reported_not_raised(kube: FakeKube) -> None:
-    assert controller.reconcile_job(("ml", "job")) is None
+def test_a_refused_worker_pod_is_reported_not_raised(kube: FakeKube, runtime: Runtime) -> None:
+    assert controller.reconcile_job(runtime, ("ml", "job")) == controller.Outcome()
     (plan,) = kube.applied
     assert not plan.create  # the rest of the plan still applies
     assert _invalid(plan).startswith(
@@ -120,7 +134,9 @@ OTHER_REFUSED = {**POD_REFUSED, "details": {"kind": "ServiceAccount", "name": "d
 
 
 @pytest.mark.parametrize("kube", [(MOUNT, OTHER_REFUSED)], indirect=True)
-def test_a_refusal_that_is_not_the_specs_fault_still_raises(kube: FakeKube) -> None:
+def test_a_refusal_that_is_not_the_specs_fault_still_raises(
+    kube: FakeKube, runtime: Runtime
+) -> None:
     with pytest.raises(client.ApiException):
-        controller.reconcile_job(("ml", "job"))
+        controller.reconcile_job(runtime, ("ml", "job"))
     assert kube.applied == []

@@ -1,0 +1,184 @@
+"""The running operator's state in one object: settings, the work queue, the API edge, the cache.
+
+Built at kopf startup and closed at cleanup (kopf's `memo` carries it to the handlers), so no
+module global is shared between the event loop and the reconcile threads. The work queue is
+controller-runtime's: deduplicating, delayed, with client-go's per-item exponential back-off
+for keys whose passes fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Final
+
+from ddl_operator.cache import ClusterCache
+from ddl_operator.kube import Kube
+from ddl_operator.leader import LeaderElector, LeaseConfig
+
+JobKey = tuple[str, str]  # (namespace, name)
+WORKERS: Final = 4
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator options from the command line."""
+
+    worker_service_account: str | None = None
+    # ClusterRole bound to the workers' account in each job namespace (the chart's worker role).
+    worker_cluster_role: str | None = None
+    workers: int = WORKERS
+    # Watched namespaces; empty means every namespace (and cluster-wide reads of DDLJobs).
+    namespaces: tuple[str, ...] = ()
+    # Reconcile only while holding this Lease; None runs unconditionally (one replica).
+    lease: LeaseConfig | None = None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """client-go's ItemExponentialFailureRateLimiter: `base * 2**(n-1)` after the n-th
+    failure in a row, never more than `cap`."""
+
+    base: float
+    cap: float
+
+    def delay(self, failures: int) -> float:
+        if failures <= 0:
+            return 0.0
+        # The exponent is bounded so a long-broken job cannot overflow the float.
+        return min(self.cap, self.base * 2.0 ** min(failures - 1, 64))
+
+
+# A failing pass: 1 s, 2 s, 4 s ... 5 min (client-go's controllers use 5 ms to 1000 s; a pass
+# here costs API calls, so the first retry waits longer and the last does not wait for ever).
+ERROR_BACKOFF: Final = Backoff(1.0, 300.0)
+# A pass that wrote on a stale read (409): the next read is fresh, so retry soon, yet not spin
+# if something keeps writing the job.
+CONFLICT_BACKOFF: Final = Backoff(0.1, 5.0)
+
+
+@dataclass
+class WorkQueue:
+    """Deduplicating delayed queue of job keys with per-key back-off (controller-runtime's
+    rate-limited queue, in asyncio; every method runs on the event loop).
+
+    `add` is for events: it queues the key now, back-off or not, since the change it reports
+    may be the fix. Failed passes come back through `add_rate_limited`; `forget` after a
+    success resets the key's back-off.
+    """
+
+    ready: asyncio.Queue[JobKey] = field(default_factory=asyncio.Queue)
+    queued: set[JobKey] = field(default_factory=set)
+    active: set[JobKey] = field(default_factory=set)
+    dirty: set[JobKey] = field(default_factory=set)
+    timers: dict[JobKey, asyncio.TimerHandle] = field(default_factory=dict)
+    failures: dict[JobKey, int] = field(default_factory=dict)
+    conflicts: dict[JobKey, int] = field(default_factory=dict)
+    errors: Backoff = ERROR_BACKOFF
+    conflict_backoff: Backoff = CONFLICT_BACKOFF
+
+    def add(self, key: JobKey) -> None:
+        if key in self.active:
+            self.dirty.add(key)  # reconcile again once the running pass ends
+        elif key not in self.queued:
+            self.queued.add(key)
+            self.ready.put_nowait(key)
+
+    def add_after(self, key: JobKey, delay: float) -> None:
+        """Queue `key` after `delay`, unless a timer already fires it sooner."""
+        loop = asyncio.get_running_loop()
+        old = self.timers.get(key)
+        due = loop.time() + delay
+        if old is not None and old.when() <= due:
+            return
+        self._set_timer(key, due)
+
+    def add_rate_limited(self, key: JobKey) -> float:
+        """Retry after a failed pass, later for each failure in a row; returns the delay."""
+        self.failures[key] = self.failures.get(key, 0) + 1
+        return self._retry(key, self.errors.delay(self.failures[key]))
+
+    def add_conflicted(self, key: JobKey) -> float:
+        """Retry after a pass refused for a stale read (409): soon, on a back-off of its own."""
+        self.conflicts[key] = self.conflicts.get(key, 0) + 1
+        return self._retry(key, self.conflict_backoff.delay(self.conflicts[key]))
+
+    def forget(self, key: JobKey) -> None:
+        """The key's pass succeeded (or the job is gone): its back-off starts over."""
+        self.failures.pop(key, None)
+        self.conflicts.pop(key, None)
+
+    def backing_off(self, key: JobKey) -> bool:
+        """Whether the key's last pass failed (its retry is already scheduled)."""
+        return key in self.failures
+
+    def _retry(self, key: JobKey, delay: float) -> float:
+        # Replaces a sooner timer a pass set before it failed: the back-off wins over a
+        # requeue the failure made moot.
+        self._set_timer(key, asyncio.get_running_loop().time() + delay)
+        return delay
+
+    def _set_timer(self, key: JobKey, due: float) -> None:
+        old = self.timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        self.timers[key] = asyncio.get_running_loop().call_at(due, self._fire, key)
+
+    def _fire(self, key: JobKey) -> None:
+        self.timers.pop(key, None)
+        self.add(key)
+
+    async def get(self) -> JobKey:
+        key = await self.ready.get()
+        self.queued.discard(key)
+        self.active.add(key)
+        return key
+
+    def done(self, key: JobKey) -> None:
+        self.active.discard(key)
+        if key in self.dirty:
+            self.dirty.discard(key)
+            self.add(key)
+
+    def close(self) -> None:
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
+
+
+@dataclass
+class Runtime:
+    """Everything one running operator holds. The sets are touched on the event loop only;
+    the reconcile threads report back through their pass's outcome."""
+
+    settings: Settings
+    queue: WorkQueue
+    kube: Kube
+    cache: ClusterCache
+    executor: ThreadPoolExecutor
+    # Held only while a pass decides on free capacity and reserves it in the cache.
+    claim_lock: threading.Lock = field(default_factory=threading.Lock)
+    known_jobs: set[JobKey] = field(default_factory=set)
+    # Jobs that want GPUs they do not hold: freed capacity or a changed node may let them grow.
+    pending_jobs: set[JobKey] = field(default_factory=set)
+    # The Unschedulable reason a job's gauge carries (touched by the job's own pass only).
+    unschedulable: dict[JobKey, str] = field(default_factory=dict)
+    # resourceVersions of our own status writes whose watch events need no pass (written by
+    # the job's own pass thread, read on the loop).
+    echoes: dict[JobKey, str] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    elector: LeaderElector | None = None
+
+    def close(self) -> None:
+        """Stop everything this runtime started (blocking: run it off the loop's thread).
+
+        Passes in flight end first (their API calls have timeouts), so a standby that takes
+        the Lease next never decides beside a pass of ours that is still writing.
+        """
+        self.queue.close()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.elector is not None:
+            self.elector.stop()  # hands the Lease back: a standby takes over at once
+        self.cache.stop()
