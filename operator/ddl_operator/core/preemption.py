@@ -160,8 +160,13 @@ class _Choice:
             shrunk,
             sum(v.units_per_worker for v, _, _ in self.removed),
             -self.domain.depth,
+            sorted(-_position(v, pod) for v, pod, _ in self.removed),  # high ranks go first
             self.domain.path,
         )
+
+
+def _position(job: Running, pod: str) -> int:
+    return next(rank for rank, (name, _) in enumerate(job.workers) if name == pod)
 
 
 def preempt(
@@ -287,6 +292,7 @@ def _shrink(
     budget = {job.key: job.spare for job in victims if job.key not in out and job.spare}
     # Removable workers per node, high ranks of a job first (what a scale-down drops first).
     on_node: dict[str, list[tuple[Running, str]]] = {}
+    position = {pod: rank for job in victims for rank, (pod, _) in enumerate(job.workers)}
     for job in victims:
         if job.key in budget:
             for pod, node in reversed(job.workers):
@@ -315,6 +321,7 @@ def _shrink(
                     Fraction(len(picked), min(gain, room.need - have)),
                     max(job.rank for job, _ in picked),
                     sum(job.units_per_worker for job, _ in picked),
+                    -max(position[pod] for _, pod in picked),  # high ranks go first
                     node,
                 )
                 if best is None or key < best[0]:
