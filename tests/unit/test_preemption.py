@@ -298,6 +298,38 @@ def test_the_decision_is_deterministic() -> None:
         assert again.placement == first.placement
 
 
+def apply(result: Preemption, jobs: Sequence[Running]) -> list[Running]:
+    """The running jobs once the victims let go of what the plan names."""
+    gone = {pod for eviction in result.victims for pod in eviction.pods}
+    left = []
+    for running in jobs:
+        workers = tuple(w for w in running.workers if w[0] not in gone)
+        if workers:
+            floor = min(running.min_workers, len(workers))
+            left.append(replace(running, workers=workers, min_workers=floor))
+    return left
+
+
+def test_once_the_victims_let_go_the_preemptor_fits_and_nobody_else_is_preempted() -> None:
+    nodes = rack_nodes(racks=3, per_rack=4)
+    jobs = [
+        job("a", ["r0-n0", "r1-n0", "r2-n0", "r0-n1"], min_workers=2, at=1),
+        job("b", ["r1-n1", "r2-n1", "r0-n2"], min_workers=1, at=2),
+        job("c", ["r1-n2", "r2-n2", "r0-n3"], at=3),
+        job("d", ["r1-n3", "r2-n3"], at=4),
+    ]
+    for workers in (1, 2, 3, 4):
+        result = plan(demand(workers), nodes, jobs)
+        for eviction in result.victims:
+            (victim,) = (j for j in jobs if j.key == eviction.job)
+            if eviction.action == "Shrink":
+                assert eviction.replicas >= victim.min_workers
+                assert len(eviction.pods) + eviction.replicas == len(victim.workers)
+        after = apply(result, jobs)
+        again = preempt(demand(workers), occupied(nodes, after), after)
+        assert isinstance(again, NoPreemption) and again.short == "Fits", workers
+
+
 def test_without_a_required_level_the_smallest_disruption_anywhere_wins() -> None:
     nodes = rack_nodes(racks=2, per_rack=2)
     jobs = [job("a", ["r0-n0", "r1-n0"], min_workers=1), job("b", ["r0-n1", "r1-n1"], at=3)]
