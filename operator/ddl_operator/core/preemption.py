@@ -48,7 +48,7 @@ import datetime as dt
 import json
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Final, Literal
@@ -101,6 +101,7 @@ class Running:
 
     @property
     def rank(self) -> _Rank:
+        """Lower is preempted sooner: lowest priority, then youngest, then by key."""
         return (self.priority, -self.created.timestamp(), self.key)
 
 
@@ -150,6 +151,7 @@ class _Choice:
     nodes: tuple[NodeInfo, ...]
 
     def cost(self) -> tuple[Any, ...]:
+        """Lower is less disruptive: suspensions first, then removals, then locality."""
         shrunk = sorted((v.rank for v, _, _ in self.removed), reverse=True)
         held = sorted((v.rank for v in self.suspended), reverse=True)
         return (
@@ -181,6 +183,8 @@ def preempt(
     the input order of `nodes` and `running` does not matter.
     """
     request = preemptor.request
+    if len({job.key for job in running}) != len(running):
+        raise ValueError("a job appears twice among the running ones")
     if isinstance(place(nodes, request), Placement):
         return NoPreemption("it fits without preempting anyone", "Fits")
     if policy == "Never":
@@ -387,7 +391,7 @@ def _suspend(domain: Domain, victims: Sequence[Running], request: GangRequest) -
     return chosen
 
 
-def _best(choices: Any) -> _Choice | None:
+def _best(choices: Iterable[_Choice | None]) -> _Choice | None:
     best: _Choice | None = None
     for choice in choices:
         if choice is not None and (best is None or choice.cost() < best.cost()):
