@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -180,7 +180,7 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         else None
     )
     try:
-        kube.apply(snap, plan, identity)
+        written = kube.apply(snap, plan, identity)
     except client.ApiException as err:
         errors = _refused_children(err, snap.job)
         if not errors:
@@ -189,6 +189,8 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         plan = replace(plan, create=[])
         _refuse(rt, snap, plan.status, errors, now, CHILD_REFUSED, plan.events, plan, identity)
         return Outcome()
+    if written is not None and _at_rest(decide, snap, plan):
+        rt.echoes[key] = written
     status = plan.status
     pending = max(0, snap.job.spec.replicas - status.replicas) * snap.job.spec.gpus_per_worker
     metrics.PENDING_GPUS.labels(namespace, name).set(pending)
@@ -204,6 +206,22 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         plan.requeue_after or None,
         wants_gpus=bool(pending) or status.phase in ("Pending", "Placing", "Rescaling"),
     )
+
+
+def _at_rest(decide: Callable[[Snapshot], Plan], snap: Snapshot, plan: Plan) -> bool:
+    """Whether a pass on the job as this one left it would do nothing, so the watch event of
+    this pass's own status write needs no pass (level-triggered still: only that exact
+    resourceVersion is skipped; anyone else's change has another).
+
+    The plan touched no child (a touched pod's own events bring a pass anyway), and deciding
+    again on the status just written, same pods and nodes, changes nothing more. A decision
+    that waits on time is not lost: the pass's requeue timer still fires.
+    """
+    if plan.create or plan.place or plan.delete:
+        return False
+    again = decide(replace(snap, job=snap.job.model_copy(update={"status": plan.status})))
+    touches = again.create or again.place or again.delete or again.events
+    return not touches and again.status == plan.status
 
 
 def _reserve(cache: ClusterCache, snap: Snapshot, plan: Plan) -> None:

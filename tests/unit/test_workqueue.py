@@ -284,6 +284,9 @@ async def test_a_broken_job_backs_off_shows_its_error_once_and_never_starves_ano
         error = kube.conditions("broken")["ReconcileError"]
         assert (error["status"], error["reason"], error["message"]) == ("True", "Forbidden", QUOTA)
         assert "ReconcileError" not in kube.conditions("healthy")
+        # Each of its passes creates its pod (the fake never shows it): not at rest, so the
+        # echo of its status write is looked at like any event.
+        assert healthy not in rt.echoes
         warnings = [e for name, e in kube.events if name == "broken"]
         assert [(e.type, e.reason) for e in warnings] == [("Warning", "ReconcileError")]
         assert warnings[0].message == f"Forbidden: {QUOTA}"
