@@ -8,7 +8,7 @@ STAMPS := .stamps
 # torch is pinned to the version the GPU check machine carries, so one source builds on both.
 TORCH_SPEC ?= torch==2.11.0
 
-.PHONY: all install system-deps cuda-check gpu-check bench k8s crds lint test test-unit test-integration test-distributed test-e2e cluster-up cluster-down demo demo-down clean
+.PHONY: all install system-deps cuda-check gpu-check bench k8s kueue crds lint test test-unit test-integration test-distributed test-e2e cluster-up cluster-down demo demo-down clean
 
 all: test
 
@@ -65,6 +65,11 @@ system-deps:
 k8s:
 	scripts/build-k8s.sh
 
+# The pinned Kueue manager and its CRDs (Kueue integration tests), in the same cache; the
+# script returns at once when they are built.
+kueue:
+	scripts/build-kueue.sh
+
 crds: install
 	$(BIN)/python -m ddl_operator.api.crd --write
 
@@ -76,7 +81,7 @@ lint: install
 test-unit: install
 	$(BIN)/pytest -q tests/unit
 
-test-integration: install k8s
+test-integration: install k8s kueue
 	$(BIN)/pytest -q tests/integration
 
 test-distributed: install
@@ -87,7 +92,7 @@ test-e2e: install k8s
 
 # Every layer: unit, integration (control plane, kwok, helm), distributed (Gloo), e2e (local
 # cluster, real training), gpu (skips without a GPU; DDL_TEST_GPU=1 makes it fail instead).
-test: install k8s system-deps lint cuda-check
+test: install k8s kueue system-deps lint cuda-check
 	$(BIN)/pytest -q tests
 
 cluster-up: system-deps install k8s
