@@ -515,10 +515,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt = memo.get("runtime")
     if not isinstance(rt, Runtime):
         return
-    for task in rt.tasks:
-        task.cancel()
-    await asyncio.gather(*rt.tasks, return_exceptions=True)
-    await asyncio.to_thread(rt.close)
+    await rt.close()
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)

@@ -171,13 +171,19 @@ class Runtime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     elector: LeaderElector | None = None
 
-    def close(self) -> None:
-        """Stop everything this runtime started (blocking: run it off the loop's thread).
+    async def close(self) -> None:
+        """Stop everything this runtime started, on the loop it started on.
 
         Passes in flight end first (their API calls have timeouts), so a standby that takes
         the Lease next never decides beside a pass of ours that is still writing.
         """
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         self.queue.close()
+        await asyncio.to_thread(self._stop_threads)
+
+    def _stop_threads(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
         if self.elector is not None:
             self.elector.stop()  # hands the Lease back: a standby takes over at once
