@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
+from kubernetes import client, watch
 from test_operator import submit, worker_pods
 
 from ddl_localcluster.controlplane import ControlPlane
@@ -168,10 +169,11 @@ def _add_nodes(kubectl: Kubectl, fake: FakeCluster, count: int) -> None:
     )
 
 
-# When to kill the leader: as soon as the first worker pod exists (creation and placement of
-# the gang still under way), as soon as the first one is placed (the rest being patched), or
-# with half the gang running and the other half gated, waiting for nodes that come only after
-# the kill (the standby must place them on capacity the dead leader never saw).
+# When to kill the leader: at the first worker pod's creation, at the first placement (the
+# rest of the gang's patches still under way), or with half the gang running and the other
+# half gated, waiting for nodes that come only after the kill (the standby must place them on
+# capacity the dead leader never saw). Requests the leader sent before it died still land, so
+# the test prints the state it actually left behind.
 KILL_POINTS = ("first-pod", "first-placed", "waiting-for-capacity")
 
 
@@ -200,9 +202,11 @@ def test_leader_killed_mid_placement_standby_finishes_without_duplicates(
         )
 
     leader, standby = replica("replica-a"), replica("replica-b")
-    replicas, gpus = 4, 8
     capacity_later = kill_at == "waiting-for-capacity"
-    fake = make_fake_cluster(kubectl, zones=1, racks=1, nodes=2 if capacity_later else replicas)
+    # A gang of many small workers keeps the leader creating and patching long enough for
+    # a kill to land in between; the capacity case needs whole nodes per worker.
+    replicas, gpus = (4, 8) if capacity_later else (32, 1)
+    fake = make_fake_cluster(kubectl, zones=1, racks=1, nodes=2 if capacity_later else 4)
     operator.stop()  # the session's operator (no leader election) steps aside
     job = "gang"
 
@@ -232,6 +236,7 @@ def test_leader_killed_mid_placement_standby_finishes_without_duplicates(
         time.sleep(2 * 2.0)  # a few of the standby's retries
         assert holder(api, namespace, lease) == "replica-a"
 
+        hit: list[float] = []  # when the watch below killed the leader
         if capacity_later:
             submit(
                 kubectl,
@@ -253,31 +258,52 @@ def test_leader_killed_mid_placement_standby_finishes_without_duplicates(
                 diagnose,
             )
         else:
+            # A watch opened before the job exists, and the kill on the watching thread: the
+            # kill follows the first event in the window at once.
+            stream = watch.Watch()
+
+            def kill_in_window() -> None:
+                for event in stream.stream(
+                    client.CoreV1Api(api).list_namespaced_pod,
+                    namespace,
+                    label_selector=f"{c.LABEL_JOB}={job}",
+                    timeout_seconds=90,
+                ):
+                    pod = event["object"]
+                    if kill_at == "first-pod" or ANNOTATION_NODE in (
+                        pod.metadata.annotations or {}
+                    ):
+                        leader.kill()
+                        hit.append(time.monotonic())
+                        return
+
+            watcher = threading.Thread(target=kill_in_window, daemon=True)
+            watcher.start()
+            time.sleep(1.0)  # the watch is established (no event is missed either way)
             submit(kubectl, namespace, fake, job, replicas=replicas, gpus=gpus)
-            pod_list = client.CoreV1Api(api).list_namespaced_pod
-            selector = f"{c.LABEL_JOB}={job}"
-
-            def window() -> bool:
-                items = json.loads(
-                    pod_list(namespace, label_selector=selector, _preload_content=False).data
-                )["items"]
-                return bool(items) if kill_at == "first-pod" else any(_placed(p) for p in items)
-
-            until(f"the leader's {kill_at}", window, 60, diagnose)
+            watcher.join(timeout=90)
+            assert hit, f"no {kill_at} within 90 s\n{diagnose()}"
         leader.kill()
-        killed = time.monotonic()
+        killed = hit[0] if hit else time.monotonic()
         before = {p["metadata"]["name"]: p for p in pods()}
         placed_before = sum(1 for p in before.values() if _placed(p))
-        print(f"{kill_at}: killed the leader with {len(before)} pods, {placed_before} placed")
+        print(
+            f"{kill_at}: killed the leader at {len(before)}/{replicas} pods, {placed_before} placed"
+        )
         if capacity_later:
             _add_nodes(kubectl, fake, replicas - 2)
 
         # The dead leader's Lease has not expired: the live standby must not act meanwhile.
         probe = "probe"
         submit(kubectl, namespace, fake, probe, replicas=1, gpus=0)
-        while holder(api, namespace, lease) == "replica-a":
+        while True:
+            probe_pods = worker_pods(kubectl, namespace, probe)
+            # Read after the pods: a listing counts only if the dead leader still held the
+            # Lease once it was taken.
+            if holder(api, namespace, lease) != "replica-a":
+                break
+            assert not probe_pods, "the standby created a pod without holding the Lease"
             assert time.monotonic() - killed < 3 * LEASE_SECONDS, diagnose()
-            assert not worker_pods(kubectl, namespace, probe), "the standby created a pod"
             time.sleep(0.2)
         took_over = time.monotonic() - killed
         assert holder(api, namespace, lease) == "replica-b", diagnose()
