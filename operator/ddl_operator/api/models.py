@@ -395,7 +395,9 @@ class Condition(ApiModel):
         "ignored, and why), DomainSplit (workers span domains of topology.required), "
         "InvalidSpec (the spec cannot run: the field is named), Suspended (spec.suspend: reason "
         "Stopping while workers checkpoint, Suspended once nothing is held, Resumed after), "
-        "Queued (waiting behind other jobs for GPUs: position and what it waits for)."
+        "Queued (waiting behind other jobs for GPUs: position and what it waits for), "
+        "Preempted (a higher-priority job took GPUs: reason Shrunk or Suspended naming it, "
+        "Restored once the queue let the job grow back, InvalidRecord if its record is ignored)."
     )
     status: Literal["True", "False", "Unknown"]
     reason: str = ""
@@ -478,6 +480,8 @@ class ObjectMeta(BaseModel):
     namespace: str = "default"
     uid: str = ""
     generation: int = 0
+    # Typed because the core reads one (core/preemption.py's record); absent means none.
+    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 class DDLJob(ApiModel):
