@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+import typing
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -35,11 +36,19 @@ from kubernetes import client
 
 from ddl_operator import metrics
 from ddl_operator.api import constants as c
-from ddl_operator.api.models import DDLJob, DDLJobStatus
+from ddl_operator.api.models import DDLJob, DDLJobStatus, Phase
 from ddl_operator.apiclient import load_client
 from ddl_operator.cache import Callbacks, ClusterCache
 from ddl_operator.core.ledger import PodCharge
-from ddl_operator.core.reconcile import Event, Plan, reconcile
+from ddl_operator.core.queueing import (
+    Demand,
+    Slot,
+    arrange,
+    priority_class_name,
+    priority_of,
+    queue_key,
+)
+from ddl_operator.core.reconcile import Event, Plan, pending_request, reconcile
 from ddl_operator.core.render import ANNOTATION_NODE
 from ddl_operator.core.validate import (
     CHILD_REFUSED,
@@ -49,7 +58,7 @@ from ddl_operator.core.validate import (
     invalid_status,
     spec_errors,
 )
-from ddl_operator.kube import Kube, Snapshot
+from ddl_operator.kube import Kube, PriorityClasses, Snapshot
 from ddl_operator.leader import LeaderElector
 from ddl_operator.runtime import JobKey, Runtime, Settings, WorkQueue
 
@@ -158,9 +167,14 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
             cache.forget((namespace, pod.name))
     t0 = time.perf_counter()
 
-    def decide(view: Snapshot) -> Plan:
+    def decide(view: Snapshot, slot: Slot | None = None) -> Plan:
         return reconcile(
-            view.job, view.pods, view.nodes, now, service_account=settings.worker_service_account
+            view.job,
+            view.pods,
+            view.nodes,
+            now,
+            service_account=settings.worker_service_account,
+            queue=slot,
         )
 
     # A job with unplaced workers goes straight to the serialised step; others decide
@@ -169,10 +183,17 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
     if plan is None or plan.place:
         # Decide on capacity read under the lock, and reserve what was chosen before the
         # next job reads it; the API writes happen after the lock is released.
+        priorities = kube.priority_classes()
         with rt.claim_lock:
             snap = replace(snap, nodes=kube.node_infos(snap.job))
-            plan = decide(snap)
+            slot = _queue_slot(rt, snap, priorities, now)
+            plan = decide(snap, slot)
             _reserve(cache, snap, plan)
+            if plan.place:
+                rt.demands.pop(key, None)  # what it placed is in the cache's count now
+    elif key in rt.demands:
+        with rt.claim_lock:
+            rt.demands.pop(key, None)
     metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - t0)
     identity = (
         (settings.worker_service_account, settings.worker_cluster_role)
@@ -192,7 +213,8 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
     if written is not None and _at_rest(decide, snap, plan):
         rt.echoes[key] = written
     status = plan.status
-    pending = max(0, snap.job.spec.replicas - status.replicas) * snap.job.spec.gpus_per_worker
+    wanted = 0 if status.phase == "Suspended" else snap.job.spec.replicas
+    pending = max(0, wanted - status.replicas) * snap.job.spec.gpus_per_worker
     metrics.PENDING_GPUS.labels(namespace, name).set(pending)
     metrics.JOB_EPOCH.labels(namespace, name).set(status.epoch)
     metrics.JOB_RESTARTS.labels(namespace, name).set(status.restarts)
@@ -206,6 +228,45 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         plan.requeue_after or None,
         wants_gpus=bool(pending) or status.phase in ("Pending", "Placing", "Rescaling"),
     )
+
+
+def _queue_slot(
+    rt: Runtime, snap: Snapshot, priorities: PriorityClasses, now: dt.datetime
+) -> Slot | None:
+    """Files the job's demand in the GPU queue and returns the capacity it may claim (under
+    the claim lock). None when nothing waits ahead of it: all free GPUs are its to take.
+
+    Only jobs that could not place yet stay filed, so the walk costs a placement per job
+    that is waiting, not per job in the cluster.
+    """
+    job, key = snap.job, (snap.job.metadata.namespace, snap.job.metadata.name)
+    request = pending_request(job, snap.pods, snap.nodes, now)
+    if request is None or request.units_per_worker <= 0:
+        rt.demands.pop(key, None)
+        return None
+    name = priority_class_name(job.spec.template)
+    demand = Demand(
+        key=key,
+        priority=priority_of(name, priorities.values, priorities.global_default),
+        created=_created(snap.body, now),
+        request=request,
+        eligible=frozenset(n.name for n in snap.nodes if n.schedulable),
+    )
+    rt.demands[key] = demand
+    mine = queue_key(demand)
+    ahead = [d for d in rt.demands.values() if queue_key(d) < mine]
+    if not ahead:
+        return None
+    return arrange([*ahead, demand], snap.nodes, until=key).slots.get(key)
+
+
+def _created(body: Mapping[str, Any], now: dt.datetime) -> dt.datetime:
+    """The job's creationTimestamp (set by the API server); `now` if unreadable."""
+    stamp = body.get("metadata", {}).get("creationTimestamp")
+    try:
+        return dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return now
 
 
 def _at_rest(decide: Callable[[Snapshot], Plan], snap: Snapshot, plan: Plan) -> bool:
@@ -410,7 +471,7 @@ def _count_phases(rt: Runtime) -> None:
     for job in jobs:
         phase = (job.get("status") or {}).get("phase", "Pending")
         counts[phase] = counts.get(phase, 0) + 1
-    for phase in ("Pending", "Placing", "Running", "Rescaling", "Succeeded", "Failed"):
+    for phase in typing.get_args(Phase):
         metrics.JOBS.labels(phase).set(counts.get(phase, 0))
 
 
@@ -497,6 +558,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.connect_timeout = 5
     settings.networking.request_timeout = 30
     options = memo.get("settings")
+    if isinstance(options, Settings) and options.namespaces:
+        # Serving named namespaces: kopf would otherwise list every namespace to find them,
+        # which namespaced RBAC refuses (and retries for a minute).
+        settings.scanning.disabled = True
     rt = _build(
         options if isinstance(options, Settings) else Settings(), asyncio.get_running_loop()
     )

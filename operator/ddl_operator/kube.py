@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +44,33 @@ class Snapshot:
     uids: Mapping[str, str] = field(default_factory=dict)  # pod name -> uid
 
 
+PRIORITY_TTL_SECONDS: Final = 30.0
+
+
+@dataclass(frozen=True)
+class PriorityClasses:
+    """What the queue needs of the cluster's PriorityClasses."""
+
+    values: Mapping[str, int] = field(default_factory=dict)
+    global_default: int | None = None
+    never_preempt: frozenset[str] = frozenset()  # classes with preemptionPolicy Never
+
+    @classmethod
+    def from_items(cls, items: Iterable[Mapping[str, Any]]) -> PriorityClasses:
+        values: dict[str, int] = {}
+        default, never = None, set()
+        for item in items:
+            name, value = item.get("metadata", {}).get("name"), item.get("value")
+            if not isinstance(name, str) or not isinstance(value, int):
+                continue
+            values[name] = value
+            if item.get("globalDefault") is True:
+                default = value
+            if item.get("preemptionPolicy") == "Never":
+                never.add(name)
+        return cls(values, default, frozenset(never))
+
+
 class Kube:
     """Thin typed wrapper over the API calls the operator makes."""
 
@@ -52,6 +81,9 @@ class Kube:
         self._fanout = ThreadPoolExecutor(FANOUT, thread_name_prefix="api")
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self._priority_lock = threading.Lock()
+        self._priorities: PriorityClasses | None = None
+        self._priority_read = 0.0
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -109,6 +141,25 @@ class Kube:
                 "items"
             ]
         ]
+
+    def priority_classes(self) -> PriorityClasses:
+        """The cluster's PriorityClasses, read at most every PRIORITY_TTL_SECONDS (a handful
+        of objects that rarely change; a pass never waits on more than one read). Without the
+        RBAC to read them every job ranks 0 (logged once): the queue is then first come,
+        first served."""
+        with self._priority_lock:
+            fresh = time.monotonic() - self._priority_read < PRIORITY_TTL_SECONDS
+            if self._priorities is not None and fresh:
+                return self._priorities
+            try:
+                items = client.SchedulingV1Api(self.api).list_priority_class(_preload_content=False)
+                self._priorities = PriorityClasses.from_items(_json(items)["items"])
+            except ApiException as err:
+                if self._priorities is None:
+                    log.warning("cannot read PriorityClasses (%s): every job ranks 0", err.reason)
+                self._priorities = self._priorities or PriorityClasses()
+            self._priority_read = time.monotonic()
+            return self._priorities
 
     # -- writing ----------------------------------------------------------------------------
 

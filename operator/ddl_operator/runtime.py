@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ddl_operator.cache import ClusterCache
+from ddl_operator.core.queueing import Demand
 from ddl_operator.kube import Kube
 from ddl_operator.leader import LeaderElector, LeaseConfig
 
@@ -160,6 +161,9 @@ class Runtime:
     executor: ThreadPoolExecutor
     # Held only while a pass decides on free capacity and reserves it in the cache.
     claim_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Jobs waiting for GPUs, in the GPU queue's terms (core/queueing.py): each job's pass
+    # files or withdraws its own, under the claim lock, where the queue is read.
+    demands: dict[JobKey, Demand] = field(default_factory=dict)
     known_jobs: set[JobKey] = field(default_factory=set)
     # Jobs that want GPUs they do not hold: freed capacity or a changed node may let them grow.
     pending_jobs: set[JobKey] = field(default_factory=set)

@@ -298,6 +298,7 @@ def test_custom_render(tmp_path: Path) -> None:
     assert grants == {
         "nodes": ["get", "list", "watch"],
         "pods": ["list", "watch"],
+        "priorityclasses": ["get", "list", "watch"],
         "customresourcedefinitions": ["get", "list", "watch"],
     }
     # The workers' policy: the chart's worker account, in the namespaces it gives one to.
@@ -407,6 +408,7 @@ def test_rbac_is_enough_and_no_more(
             ("create", "rolebindings", job_ns),
             ("watch", "nodes", None),
             ("list", "customresourcedefinitions", None),
+            ("list", "priorityclasses.scheduling.k8s.io", None),
             # Free GPUs: every unfinished pod, in any namespace, is read (never written).
             ("list", "pods", None),
             ("watch", "pods", other_ns),
@@ -427,6 +429,7 @@ def test_rbac_is_enough_and_no_more(
             ("create", "pods --subresource=exec", other_ns),
             ("patch", "pods", None),
             ("patch", "nodes", None),
+            ("create", "priorityclasses.scheduling.k8s.io", None),
             ("update", "leases.coordination.k8s.io/kube-scheduler", namespace),
             ("get", "leases.coordination.k8s.io/other", namespace),
             ("delete", f"leases.coordination.k8s.io/{lease}", namespace),

@@ -320,3 +320,21 @@ def test_a_job_with_nothing_to_place_asks_the_queue_for_nothing() -> None:
     suspended = fresh.job.model_copy(update={"spec": spec})
     assert pending_request(suspended, list(fresh.pods.values()), fresh.nodes(), fresh.now) is None
     assert pending_request(fresh.job, list(fresh.pods.values()), fresh.nodes(), fresh.now)
+
+
+def test_a_job_ahead_claims_and_reserves_only_among_the_nodes_it_may_use() -> None:
+    """Two pools (node selectors): a head waiting in its pool neither claims nor withholds
+    the other pool, where a job behind it fits; a fitting job ahead claims in its own only."""
+    nodes = busy(rack_nodes(racks=2, per_rack=2), "r0-n0")  # rack-0: pool A, rack-1: pool B
+    pool_a = frozenset({"r0-n0", "r0-n1"})
+    pool_b = frozenset({"r1-n0", "r1-n1"})
+    head = replace(demand("head", 2, at=1), eligible=pool_a)  # one free node in its pool
+    ahead = replace(demand("ahead", 2, at=2), eligible=pool_b)
+    later = replace(demand("later", 1, at=3), eligible=pool_b)
+    queue = arrange([head, ahead, later], nodes)
+    assert not queue.slots[head.key].fits  # pool B would hold it, but is not its to use
+    reservation = queue.slots[head.key].reservation
+    assert reservation is not None and set(reservation.nodes) == {"r0-n1"}
+    assert queue.slots[ahead.key].fits
+    assert not queue.slots[later.key].fits  # the job ahead took pool B first
+    assert arrange([head, later], nodes).slots[later.key].fits

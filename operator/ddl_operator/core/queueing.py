@@ -45,6 +45,9 @@ class Demand:
     priority: int
     created: dt.datetime
     request: GangRequest
+    # The nodes its workers may run on (node selector, tolerations); None: any. A job ahead
+    # claims and reserves only among its own nodes, so pools it cannot use stay free.
+    eligible: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.request.units_per_worker <= 0:
@@ -132,6 +135,8 @@ def arrange(
     slots: dict[JobKey, Slot] = {}
     for position, demand in enumerate(ordered, 1):
         view = tuple(_minus(nodes, claimed + withheld))
+        if demand.eligible is not None:
+            view = tuple(n for n in view if n.name in demand.eligible)
         result = place(view, demand.request)
         if isinstance(result, Placement):
             units = demand.request.units_per_worker
