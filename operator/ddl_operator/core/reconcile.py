@@ -16,6 +16,11 @@ Nothing a pass reads makes it raise: workers' reports are parsed as untrusted in
 (core/reports.py) and a bad one is ignored with a condition; a gang spread across domains
 of topology.required re-forms inside one (core/domains.py); a spec that breaks the schema's
 topology rules gets a condition. Every status a pass returns is strict JSON.
+
+Preemption (core/preemption.py) reaches a victim as a record in its annotation: while it
+holds, the job keeps `held_replicas` workers, removing the pods it names at a new epoch, or
+is suspended as by spec.suspend when it keeps none. The record is cleared (by the plan) once
+the queue slot lets the job grow back, and the job grows to spec.replicas again.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ from ddl_operator.api.models import (
 )
 from ddl_operator.core.domains import Split, find_split
 from ddl_operator.core.placement import GangRequest, Unplaceable, place
+from ddl_operator.core.preemption import (
+    PODS_NAMED,
+    PREEMPTED,
+    PREEMPTED_BY,
+    InvalidRecord,
+    PreemptedRecord,
+    held_replicas,
+    may_regrow,
+    parse_record,
+)
 from ddl_operator.core.progress import find_straggler, rank0_summary
 from ddl_operator.core.queueing import Slot
 from ddl_operator.core.render import placement_patch, pod_name, selector, worker_pod
@@ -53,6 +68,7 @@ DOMAIN_SPLIT: Final = "DomainSplit"  # placed workers span domains of topology.r
 INVALID_SPEC: Final = "InvalidSpec"  # the spec breaks a rule the CRD should have enforced
 SUSPENDED: Final = "Suspended"  # spec.suspend holds the job (reason: Stopping, Suspended, Resumed)
 QUEUED: Final = "Queued"  # the job waits in the GPU queue (position and what for)
+# PREEMPTED (core/preemption.py): reason Shrunk or Suspended, Restored, or InvalidRecord.
 REJECTIONS_LISTED: Final = 10  # pods named in the ReportRejected condition
 BIND_DEADLINE_SECONDS: Final = 60  # a placed pod unbound for longer is re-placed
 # How long suspending waits for the workers to say they stopped at the stop epoch before it
@@ -105,6 +121,9 @@ class Plan:
     delete: list[str] = field(default_factory=list)
     place: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    # A merge patch on the job's own metadata.annotations (None removes the key), applied
+    # before the status write.
+    annotations: dict[str, str | None] = field(default_factory=dict)
     requeue_after: float = 30.0
 
     def update_status(self, **fields: Any) -> None:
@@ -184,6 +203,47 @@ TERMINAL: Final = ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
+class Hold:
+    """What the job's preemption record asks of this pass: the workers to keep, and what
+    becomes of the record. Users can edit annotations, so an invalid record is ignored."""
+
+    replicas: int  # workers to keep: spec.replicas, or held_replicas while a record holds
+    record: PreemptedRecord | None = None  # the record that holds this pass
+    restored: PreemptedRecord | None = None  # the record this pass clears (regrowth)
+    invalid: str | None = None  # why the annotation is ignored
+
+    @property
+    def suspended(self) -> bool:
+        return self.record is not None and self.replicas == 0
+
+    @property
+    def leaving(self) -> frozenset[str]:
+        """The pods the record names: the ones a shrink removes first."""
+        return frozenset(self.record.pods) if self.record is not None else frozenset()
+
+
+def _hold(
+    job: DDLJob, pods: Sequence[WorkerPod], lost: Mapping[str, str], queue: Slot | None
+) -> Hold:
+    """A record holds until the queue lets the job grow (`may_regrow`), and at least until
+    a pass has said so and the job is down to the workers it holds: clearing the record
+    sooner would keep the workers the preemptor waits for."""
+    spec = job.spec
+    parsed = parse_record(job.metadata.annotations.get(PREEMPTED_BY))
+    if parsed is None:
+        return Hold(spec.replicas)
+    if isinstance(parsed, InvalidRecord):
+        return Hold(spec.replicas, invalid=parsed.reason)
+    held = held_replicas(spec.replicas, spec.min_replicas, parsed)
+    was = next((x for x in job.status.conditions if x.type == PREEMPTED), None)
+    shown = was is not None and was.status == "True"
+    alive = sum(1 for p in pods if p.name not in lost and p.phase != "Succeeded")
+    if shown and alive <= held and may_regrow(parsed, queue):
+        return Hold(spec.replicas, restored=parsed)
+    return Hold(held, record=parsed)
+
+
+@dataclass(frozen=True)
 class Observed:
     """What one pass reads, indexed: the job, its pods, the nodes and the clock."""
 
@@ -199,6 +259,7 @@ class Observed:
     lost: Mapping[str, str]  # pod -> why it no longer counts as a worker
     reports: Mapping[str, WorkerReport]  # pod -> its valid report
     rejected: Mapping[str, str]  # pod -> why its report is ignored
+    hold: Hold  # what the preemption record, if any, asks of this pass
 
     @property
     def spec(self) -> DDLJobSpec:
@@ -284,7 +345,10 @@ def reconcile(
     if _refuse_invalid_spec(job, plan, _iso(now)):
         return plan
     seen = observe(job, pods, nodes, now, service_account, queue)
-    if _outcome(seen, plan) or _suspend(seen, plan):
+    if _outcome(seen, plan):
+        return plan
+    _preemption(seen, plan)
+    if _suspend(seen, plan):
         return plan
     losses = _losses(seen, plan)
     if _over_restart_limit(seen, plan, losses):
@@ -319,6 +383,7 @@ def observe(
             rejected[pod.name] = parsed.reason
         else:
             reports[pod.name] = parsed
+    lost = {p.name: why for p in pods if (why := _lost(p, by_node, now))}
     return Observed(
         job=job,
         pods=pods,
@@ -329,9 +394,10 @@ def observe(
         by_node=by_node,
         by_name={p.name: p for p in pods},
         members=[m.pod for m in rendezvous.members] if rendezvous else [],
-        lost={p.name: why for p in pods if (why := _lost(p, by_node, now))},
+        lost=lost,
         reports=reports,
         rejected=rejected,
+        hold=_hold(job, pods, lost, queue),
     )
 
 
@@ -384,17 +450,91 @@ def _outcome(seen: Observed, plan: Plan) -> bool:
     return True
 
 
+def _by(record: PreemptedRecord) -> str:
+    return f"{record.by[0]}/{record.by[1]}"
+
+
+def _named(pods: Sequence[str]) -> str:
+    shown = ", ".join(pods[:PODS_NAMED])
+    more = len(pods) - PODS_NAMED
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _preempted_state(seen: Observed) -> ConditionState | None:
+    """The Preempted condition; None for a job that never had one. Its message depends on
+    the record alone, so a new record (and only that) makes a new event."""
+    hold, replicas = seen.hold, seen.spec.replicas
+    was = next((x for x in seen.old.conditions if x.type == PREEMPTED), None)
+    if hold.record is not None:
+        record = hold.record
+        head = f"preempted by {_by(record)} at {_iso(record.at)}"
+        if hold.suspended:
+            resumes = "resumes from the last checkpoint when the queue has room"
+            return (PREEMPTED, True, SUSPENDED, f"{head}: suspended; {resumes}")
+        removing = f", removing {_named(record.pods)}" if record.pods else ""
+        held = f"{hold.replicas} of {replicas} workers{removing}"
+        grows = f"grows back to {replicas} when the queue has room"
+        return (PREEMPTED, True, "Shrunk", f"{head}: {held}; {grows}")
+    if hold.restored is not None:
+        after = f"after preemption by {_by(hold.restored)}"
+        back = "resuming" if hold.restored.replicas == 0 else f"growing back to {replicas} workers"
+        return (PREEMPTED, False, "Restored", f"the queue has room: {back} {after}")
+    if hold.invalid is not None:
+        ignored = f"ignoring the {PREEMPTED_BY} annotation: {hold.invalid}"
+        return (PREEMPTED, False, "InvalidRecord", ignored)
+    if was is None:
+        return None
+    if was.status == "True":  # the annotation was removed by hand
+        removed = f"the {PREEMPTED_BY} annotation was removed: growing back to {replicas} workers"
+        return (PREEMPTED, False, "Restored", removed)
+    return (PREEMPTED, False, was.reason, was.message)
+
+
+def _preemption(seen: Observed, plan: Plan) -> None:
+    """The record's events, once per change of the Preempted condition, and the record's
+    removal when the job may grow back."""
+    state = _preempted_state(seen)
+    if seen.hold.restored is not None:
+        plan.annotations[PREEMPTED_BY] = None
+    if state is None:
+        return
+    _, status, reason, message = state
+    was = next((x for x in seen.old.conditions if x.type == PREEMPTED), None)
+    if was is not None and (was.status == "True") == status and was.message == message:
+        return
+    if status:
+        plan.events.append(Event("Warning", PREEMPTED, message))
+    elif reason == "Restored":
+        plan.events.append(Event("Normal", "Restored", message))
+    elif reason == "InvalidRecord":
+        plan.events.append(Event("Warning", "InvalidPreemptionRecord", message))
+
+
+def _suspension(seen: Observed) -> tuple[str, str] | None:
+    """Why the job holds nothing (for messages) and what resumes it; None if it runs."""
+    if seen.spec.suspend:
+        return "spec.suspend", "when spec.suspend is false"
+    if seen.hold.record is not None and seen.hold.suspended:
+        return f"preempted by {_by(seen.hold.record)}", "when the queue has room"
+    return None
+
+
 def _suspend(seen: Observed, plan: Plan) -> bool:
-    """spec.suspend: stop the gang at a step boundary, then delete every pod. True when the
-    job is suspended (the pass ends here, before losses, restarts and patience are counted).
+    """spec.suspend, or a preemption record that keeps no worker: stop the gang at a step
+    boundary, then delete every pod. True when the job is suspended (the pass ends here,
+    before losses, restarts and patience are counted).
 
     The stop reuses the rendezvous of a gang with too few workers: an epoch with no members,
     at which every agent checkpoints at a step boundary and reports that it waits. The pods
     go once each has said so, or once SUSPEND_GRACE_SECONDS have passed since the stop.
     """
-    if not seen.spec.suspend:
+    why = _suspension(seen)
+    if why is None:
         return False
-    stop = _stop_epoch(seen, plan)
+    cause, resumes = why
+    by_user = cause == "spec.suspend"
+    prefix = "" if by_user else f"{cause}: "
+    stop = _stop_epoch(seen, plan, cause)
     was = next((x for x in seen.old.conditions if x.type == SUSPENDED), None)
     since = _parse(was.last_transition_time) if was is not None and was.status == "True" else None
     elapsed = (seen.now - since).total_seconds() if since is not None else 0.0
@@ -403,8 +543,9 @@ def _suspend(seen: Observed, plan: Plan) -> bool:
     if training and elapsed < SUSPEND_GRACE_SECONDS:
         reason = "Stopping"
         message = (
-            f"stopping {', '.join(training)} at a step boundary after a checkpoint (epoch "
-            f"{stop}); the pods are deleted once they stop, at most {SUSPEND_GRACE_SECONDS}s"
+            f"{prefix}stopping {', '.join(training)} at a step boundary after a checkpoint "
+            f"(epoch {stop}); the pods are deleted once they stop, at most "
+            f"{SUSPEND_GRACE_SECONDS}s"
         )
         plan.requeue_after = min(5.0, SUSPEND_GRACE_SECONDS - elapsed)
     else:
@@ -412,9 +553,13 @@ def _suspend(seen: Observed, plan: Plan) -> bool:
         plan.delete.extend(p.name for p in pods)
         releasing = len(pods) + sum(1 for p in seen.pods if p.deleting)
         message = (
-            f"releasing {releasing} pods" if releasing else "holding no pods"
-        ) + f"; resumes from the last checkpoint when spec.suspend is false (epoch {stop})"
-        plan.requeue_after = 5.0 if releasing else 0
+            prefix
+            + (f"releasing {releasing} pods" if releasing else "holding no pods")
+            + f"; resumes from the last checkpoint {resumes} (epoch {stop})"
+        )
+        # Only a spec change resumes a user's suspension; the queue's verdict may change
+        # without an event on this job, so a preempted one looks again now and then.
+        plan.requeue_after = 5.0 if releasing else 0 if by_user else plan.requeue_after
         if was is None or was.status != "True" or was.reason != SUSPENDED:
             late = f"; {', '.join(training)} did not confirm a stop in time" if training else ""
             plan.events.append(Event("Normal", SUSPENDED, f"epoch {stop}: suspended{late}"))
@@ -424,8 +569,11 @@ def _suspend(seen: Observed, plan: Plan) -> bool:
         if x.type in _GANG_CONDITIONS
         else x
         for x in seen.old.conditions
-        if x.type != SUSPENDED
+        if x.type not in (SUSPENDED, PREEMPTED)
     ]
+    preempted = _preempted_state(seen)
+    if preempted is not None:
+        conditions.append(_condition(seen.old.conditions, *preempted, stamp))
     conditions.append(_condition(seen.old.conditions, SUSPENDED, True, reason, message, stamp))
     plan.update_status(
         phase="Suspended",
@@ -440,7 +588,7 @@ def _suspend(seen: Observed, plan: Plan) -> bool:
     return True
 
 
-def _stop_epoch(seen: Observed, plan: Plan) -> int:
+def _stop_epoch(seen: Observed, plan: Plan, cause: str) -> int:
     """The epoch at which the workers stop: a new one without members if a gang trains."""
     old = seen.old
     if old.rendezvous is None or old.rendezvous.workers == 0:
@@ -457,7 +605,7 @@ def _stop_epoch(seen: Observed, plan: Plan) -> int:
             "Normal",
             "Suspending",
             f"epoch {epoch}: {old.rendezvous.workers} workers stop at a step boundary after "
-            "a checkpoint (spec.suspend)",
+            f"a checkpoint ({cause})",
         )
     )
     return epoch
@@ -516,12 +664,13 @@ def _over_restart_limit(seen: Observed, plan: Plan, losses: Losses) -> bool:
 
 
 def _scale(seen: Observed, plan: Plan) -> Gang:
-    """Keep spec.replicas workers alive: drop the surplus, create what is missing."""
-    target = seen.spec.replicas
+    """Keep spec.replicas workers alive, or the fewer a preemption record holds: drop the
+    surplus (the record's pods first), create what is missing."""
+    target = seen.hold.replicas
     alive = [p for p in seen.pods if p.name not in seen.lost and p.phase != "Succeeded"]
     removed: list[str] = []
     if len(alive) > target:
-        surplus = _surplus(alive, seen.members, len(alive) - target)
+        surplus = _surplus(alive, seen.members, len(alive) - target, seen.hold.leaving)
         plan.delete.extend(p.name for p in surplus)
         removed = [p.name for p in surplus if p.name in seen.members]
         alive = [p for p in alive if p not in surplus]
@@ -584,7 +733,20 @@ def pending_request(
     if job.status.phase in TERMINAL or job.spec.suspend or _spec_problem(job) is not None:
         return None
     seen = observe(job, pods, nodes, now)
-    return _gang_request(seen, _scale(seen, Plan(status=job.status)))
+    gang = _scale(seen, Plan(status=job.status))
+    if seen.hold.record is None:
+        return _gang_request(seen, gang)
+    return _growth_request(seen, gang)
+
+
+def _growth_request(seen: Observed, gang: Gang) -> GangRequest:
+    """A preempted job's growth back to spec.replicas, whose fit in the queue clears the
+    record: its kept workers plus at least one more (the smallest gang when it holds none),
+    asked even though the record keeps it from creating them yet."""
+    replicas = seen.spec.replicas
+    keep = {p.name: p.node or p.assigned or "" for p in gang.anchored}
+    low = min(replicas, max(seen.spec.min_replicas, len(keep) + 1))
+    return _request(seen.job, low, replicas, keep)
 
 
 def _place(seen: Observed, plan: Plan, gang: Gang) -> Unplaceable | None:
@@ -700,7 +862,7 @@ def _conditions(
     unschedulable: Unplaceable | None,
 ) -> None:
     """Phase, conditions and the rank-0 summary; events for conditions that just turned."""
-    old, target, split = seen.old, seen.spec.replicas, gang.split
+    old, target, split = seen.old, seen.hold.replicas, gang.split
     phase = _phase(plan, gang, membership)
     members = membership.members
     ready = sum(1 for m in members if m in membership.running)
@@ -727,12 +889,22 @@ def _conditions(
     waits_for = queue.waits_for if queue is not None and unschedulable is not None else ""
     if waits_for or QUEUED in was:
         states.append((QUEUED, bool(waits_for), "Waiting" if waits_for else "Claimed", waits_for))
+    preempted = _preempted_state(seen)
+    if preempted is not None:
+        states.append(preempted)
     if SUSPENDED in was:  # once suspended, the condition stays and says it resumed
-        resumed = "spec.suspend is false; the workers resume from the last checkpoint"
-        states.append((SUSPENDED, False, "Resumed", resumed))
+        resumed = was[SUSPENDED].message
         if was[SUSPENDED].status == "True":
+            by = was.get(PREEMPTED)
+            cause = (
+                "the queue has room"
+                if by is not None and by.status == "True" and by.reason == SUSPENDED
+                else "spec.suspend is false"
+            )
+            resumed = f"{cause}; the workers resume from the last checkpoint"
             msg = f"resuming after epoch {old.epoch} from the last checkpoint"
             plan.events.append(Event("Normal", "Resumed", msg))
+        states.append((SUSPENDED, False, "Resumed", resumed))
     conditions = [_condition(old.conditions, *state, seen.stamp) for state in states]
     for type_, message in (
         ("Straggler", straggler),
@@ -750,7 +922,9 @@ def _conditions(
         replicas=len(members),
         ready_replicas=ready,
         conditions=conditions,
-        message=waits_for or (unschedulable.reason if unschedulable else ""),
+        message=waits_for
+        or (unschedulable.reason if unschedulable else "")
+        or (preempted[3] if preempted is not None and preempted[1] else ""),
         **rank0_summary(membership.rendezvous, seen.reports),
     )
     if unschedulable or membership.waiting or plan.create or plan.place or plan.delete:
@@ -844,12 +1018,19 @@ def _publish(
     )
 
 
-def _surplus(alive: Sequence[WorkerPod], members: Sequence[str], count: int) -> list[WorkerPod]:
-    """Which workers to drop when scaling down: unplaced, then non-members, then high ranks."""
+def _surplus(
+    alive: Sequence[WorkerPod],
+    members: Sequence[str],
+    count: int,
+    leaving: frozenset[str] = frozenset(),
+) -> list[WorkerPod]:
+    """Which workers to drop when scaling down: those a preemption record names (their
+    GPUs are what the preemptor was promised), then unplaced, non-members, high ranks."""
     rank = {name: i for i, name in enumerate(members)}
 
-    def cost(p: WorkerPod) -> tuple[int, int, int]:
+    def cost(p: WorkerPod) -> tuple[int, int, int, int]:
         return (
+            0 if p.name in leaving else 1,
             0 if not p.placed_on else 1 if p.name not in rank else 2,
             -rank.get(p.name, 0),
             -p.slot,
