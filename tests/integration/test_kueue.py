@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ddl_localcluster.controlplane import ControlPlane
-from ddl_localcluster.kueue import API_VERSION, KueueManager
+from ddl_localcluster.controlplane import ControlPlane, ControlPlaneError
+from ddl_localcluster.kueue import API_VERSION, KueueManager, manager_binary
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
 from ddl_operator.core import kueue as k
@@ -107,18 +109,24 @@ def _queues(kubectl: Kubectl, ns: str, ident: str, gpus: int, **preemption: str)
     return "team"
 
 
-def _ddljob(kubectl: Kubectl, ns: str, name: str, queue: str) -> DDLJob:
-    manifest = make_ddljob(name=name, replicas=2, gpus=8, namespace=ns, suspend=True)
+def _ddljob(kubectl: Kubectl, ns: str, name: str, queue: str, **shape: Any) -> DDLJob:
+    shape = {"replicas": 2, "gpus": 8, **shape}
+    manifest = make_ddljob(name=name, namespace=ns, suspend=True, **shape)
     manifest["metadata"]["labels"] = {k.LABEL_QUEUE_NAME: queue}
     return DDLJob.model_validate(_create(kubectl, manifest))
 
 
 def _submit(
-    kubectl: Kubectl, ns: str, name: str, queue: str, priority: k.Priority | None = None
+    kubectl: Kubectl,
+    ns: str,
+    name: str,
+    queue: str,
+    priority: k.Priority | None = None,
+    **shape: Any,
 ) -> tuple[DDLJob, str]:
     """A DDLJob and the Workload core/kueue.py builds for it (created); returns the job and
     the Workload's name."""
-    job = _ddljob(kubectl, ns, name, queue)
+    job = _ddljob(kubectl, ns, name, queue, **shape)
     assert k.queue_name(job) == queue
     wl = _create(kubectl, k.workload(job, queue, priority))
     return job, wl["metadata"]["name"]
@@ -167,6 +175,10 @@ def test_a_16_gpu_queue_admits_one_2x8_job_and_the_second_after_the_first_finish
 
     obj1, st1 = _status(kubectl, namespace, wl1)
     assert obj1["metadata"]["ownerReferences"][0]["uid"] == first.metadata.uid
+    # The CRD kept what Kueue counts (no webhook defaulted or refused anything).
+    [pod_set] = obj1["spec"]["podSets"]
+    assert pod_set["count"] == 2
+    assert pod_set["template"]["spec"]["containers"][0]["resources"]["requests"] == {GPU: "8"}
     assert st1.may_run and st1.admitted_count == 2
     assert st1.admission is not None
     assert st1.admission.cluster_queue == f"cq-{test_id}"
@@ -182,7 +194,9 @@ def test_a_16_gpu_queue_admits_one_2x8_job_and_the_second_after_the_first_finish
     _, st2 = _status(kubectl, namespace, wl2)
     assert not st2.quota_reserved and not st2.may_run and st2.admitted_count == 0
     waiting = st2.waiting_for()
-    assert GPU in waiting and "quota" in waiting, waiting
+    assert re.search(
+        rf"insufficient (unused )?quota for {GPU} in flavor gpu-{test_id}, 16 more needed", waiting
+    ), waiting
 
     # The owner marks the first Finished (its own field manager); Kueue frees its quota.
     _apply_status(kubectl, k.finished_apply(obj1, True, "training finished", _now()), "ddl-test")
@@ -234,6 +248,32 @@ def test_a_higher_priority_workload_evicts_a_lower_one_and_runs_once_its_admissi
     assert not st_low.quota_reserved and st_low.admission is None
     assert st_low.conditions[k.REQUEUED].true
     assert not st_low.may_run
+
+
+def test_an_elastic_job_is_admitted_partially_and_its_workload_goes_with_it(
+    kueue_manager: KueueManager, kubectl: Kubectl, namespace: str, test_id: str
+) -> None:
+    queue = _queues(kubectl, namespace, test_id, gpus=16)
+    job, wl = _submit(
+        kubectl, namespace, "elastic", queue, replicas=3, min_replicas=1, max_replicas=4
+    )
+    _wait(kubectl, "workload", wl, "condition=Admitted", namespace)
+    obj, status = _status(kubectl, namespace, wl)
+    assert obj["spec"]["podSets"][0]["minCount"] == 1
+    # 3 x 8 GPUs asked, 16 in the queue: Kueue admits as many workers as fit.
+    assert status.may_run and status.admitted_count == 2
+
+    # The Workload is the job's child: deleting the job deletes it (garbage collector).
+    kubectl.run("delete", "ddlj", job.metadata.name, "-n", namespace)
+    _wait(kubectl, "workload", wl, "delete", namespace)
+
+
+def test_a_missing_kueue_build_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DDL_KUEUE_DIR", str(tmp_path))
+    with pytest.raises(ControlPlaneError, match="make kueue"):
+        manager_binary()
 
 
 def _now() -> dt.datetime:
