@@ -94,7 +94,8 @@ class WorkloadShapeError(ValueError):
 
 def queue_name(job: DDLJob) -> str | None:
     """The LocalQueue a job asks for (its kueue.x-k8s.io/queue-name label), None without one."""
-    labels = (job.metadata.model_extra or {}).get("labels") or {}
+    # Labels are not a typed field of ObjectMeta (extra="allow" keeps them as an attribute).
+    labels = getattr(job.metadata, "labels", None) or {}
     if not isinstance(labels, Mapping):
         raise WorkloadShapeError("metadata.labels: must be an object")
     value = labels.get(LABEL_QUEUE_NAME)
@@ -547,11 +548,17 @@ def condition(
     }
 
 
-def _status_apply(obj: Mapping[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+def _status_apply(
+    obj: Mapping[str, Any], status: dict[str, Any], strict: bool = False
+) -> dict[str, Any]:
+    """A status apply body for `obj` (its uid, and with `strict` its resourceVersion, make the
+    write conditional: a Workload that changed meanwhile answers 409 and is read again)."""
     meta = obj.get("metadata") or {}
     out_meta = {"name": meta.get("name"), "namespace": meta.get("namespace")}
     if meta.get("uid"):
         out_meta["uid"] = meta["uid"]
+    if strict and meta.get("resourceVersion"):
+        out_meta["resourceVersion"] = meta["resourceVersion"]
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": out_meta, "status": status}
 
 
@@ -584,7 +591,9 @@ def clear_admission_apply(obj: Mapping[str, Any], now: dt.datetime) -> dict[str,
     SetRequeuedCondition, written with PatchAdmissionStatus).
 
     The body carries every other field that manager writes, so applying it removes only the
-    admission; QuotaReserved and Admitted turn False, Requeued records why.
+    admission; QuotaReserved and Admitted turn False, Requeued records why. It carries the
+    Workload's resourceVersion too (Kueue's own write is as strict): if Kueue changed the
+    Workload meanwhile the apply answers 409 and the owner reads it again.
     """
     status = workload_status(obj)
     evicted = status.evicted
@@ -619,7 +628,7 @@ def clear_admission_apply(obj: Mapping[str, Any], now: dt.datetime) -> dict[str,
                 raw.get("accumulatedPastExecutionTimeSeconds") or 0
             ) + _seconds_since(status.conditions[ADMITTED].last_transition_time, now)
     body["conditions"] = conditions
-    return _status_apply(obj, body)
+    return _status_apply(obj, body, strict=True)
 
 
 def _existing(obj: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
