@@ -181,10 +181,32 @@ class Kube:
         version: str = written["metadata"]["resourceVersion"]
         return version
 
+    def patch_annotations(
+        self, body: Mapping[str, Any], annotations: Mapping[str, str | None]
+    ) -> dict[str, Any]:
+        """Merge `annotations` into the job's own (None removes one); returns the job as
+        written. The resourceVersion `body` was read at goes with the patch, so a pass based
+        on a stale read fails with 409 here as its status write would."""
+        meta = body["metadata"]
+        changes: dict[str, Any] = {"annotations": dict(annotations)}
+        if meta.get("resourceVersion"):
+            changes["resourceVersion"] = meta["resourceVersion"]
+        written: dict[str, Any] = self.custom.patch_namespaced_custom_object(
+            c.GROUP,
+            c.VERSION,
+            meta["namespace"],
+            c.PLURAL,
+            meta["name"],
+            {"metadata": changes},
+            _content_type="application/merge-patch+json",
+        )
+        return written
+
     def apply(
         self, snap: Snapshot, plan: Plan, worker_identity: tuple[str, str] | None = None
     ) -> str | None:
-        """Children first, then the status once; events only after the status write.
+        """Children first, then the job's own annotations, then the status once; events
+        only after the status write.
 
         `worker_identity` is (service account, cluster role): workers need to read their
         job and report on their pod, so each namespace gets that account bound to the role.
@@ -230,10 +252,13 @@ class Kube:
             service.result()  # the workers' Service, made alongside them
         self._each(place, plan.place)
         self._each(delete, plan.delete)
+        body = snap.body
+        if plan.annotations:  # the job's own metadata; the status is written over the result
+            body = self.patch_annotations(body, plan.annotations)
         new_status = plan.status.model_dump(by_alias=True, exclude_none=True, mode="json")
         written = None
-        if new_status != snap.body.get("status"):
-            written = self.replace_status(snap.body, new_status)
+        if new_status != body.get("status"):
+            written = self.replace_status(body, new_status)
         if plan.events:  # best effort, after the status write; the pass need not wait
             self._fanout.submit(self.post_events, snap.body, plan.events)
         return written

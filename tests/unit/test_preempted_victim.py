@@ -10,14 +10,16 @@ from typing import Any
 from unittest.mock import patch
 
 import pytest
+from kubernetes import client
 
 from ddl_operator.api import constants as c
-from ddl_operator.api.models import DDLJob
+from ddl_operator.api.models import DDLJob, DDLJobStatus
 from ddl_operator.core.placement import GangRequest
 from ddl_operator.core.preemption import PREEMPTED_BY, PreemptedRecord, encode_record
 from ddl_operator.core.queueing import Demand, Slot, arrange
 from ddl_operator.core.reconcile import Plan, WorkerPod, pending_request, reconcile
 from ddl_operator.core.topology import NodeInfo
+from ddl_operator.kube import Kube, Snapshot
 
 import builders
 from builders import T0, Cluster, cond, make_ddljob, rack_nodes
@@ -303,3 +305,47 @@ def test_removing_the_annotation_by_hand_restores_the_job() -> None:
     assert _preempted(cl)[:2] == ("False", "Restored") and len(plan.create) == 2
     assert _reasons(plan).count("Restored") == 1
     assert "Restored" not in _reasons(cl.step())
+
+
+class _Custom:
+    """The custom-objects API as Kube.apply uses it: records calls, bumps resourceVersion."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any], str | None]] = []
+
+    def patch_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        *_, name, patch = args
+        self.calls.append(("patch", patch, kwargs.get("_content_type")))
+        annotations = {k: v for k, v in patch["metadata"]["annotations"].items() if v}
+        meta = {"name": name, "namespace": "default", "resourceVersion": "8"}
+        return {"metadata": {**meta, "annotations": annotations}, "status": {"phase": "Running"}}
+
+    def replace_namespaced_custom_object_status(self, *args: Any) -> dict[str, Any]:
+        body = args[-1]
+        self.calls.append(("status", body, None))
+        return {"metadata": {**body["metadata"], "resourceVersion": "9"}}
+
+
+def test_apply_patches_the_annotations_then_writes_the_status_over_the_result() -> None:
+    body = {
+        **make_ddljob(),
+        "metadata": {
+            "name": "job",
+            "namespace": "default",
+            "resourceVersion": "7",
+            "annotations": {PREEMPTED_BY: "{}", "keep": "me"},
+        },
+        "status": {"phase": "Running"},
+    }
+    kube = Kube(client.ApiClient(), cache=None)  # type: ignore[arg-type]
+    custom = _Custom()
+    kube.custom = custom  # type: ignore[assignment]
+    snap = Snapshot(job=DDLJob.model_validate(body), body=body, pods=[], nodes=[])
+    plan = Plan(status=DDLJobStatus(phase="Rescaling"), annotations={PREEMPTED_BY: None})
+    assert kube.apply(snap, plan) == "9"
+    (patch, patched, content), (write, status, _) = custom.calls
+    assert (patch, write) == ("patch", "status")
+    assert patched == {"metadata": {"annotations": {PREEMPTED_BY: None}, "resourceVersion": "7"}}
+    assert content == "application/merge-patch+json", "None removes the key in a merge patch"
+    assert status["metadata"]["resourceVersion"] == "8", "written over the patched job"
+    assert status["status"]["phase"] == "Rescaling"
