@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -237,6 +238,8 @@ class KueueManager:
             input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [namespace, secret]}),
         )
         config = self.write_config()
+        # Certificates are copied from the Secret as this start finds it, never kept over.
+        shutil.rmtree(self.dir / "certs", ignore_errors=True)
         env = {**os.environ, "KUBECONFIG": str(self.control_plane.kubeconfig)}
         self.control_plane.spawn(
             PROCESS, [str(binary), f"--config={config}", "--zap-log-level=info"], env
