@@ -45,7 +45,12 @@ def _admitted(
     if count is not None:
         psa["count"] = count
     return {
-        "metadata": {"name": "ddljob-train-abcde", "namespace": "ml", "uid": "w-1"},
+        "metadata": {
+            "name": "ddljob-train-abcde",
+            "namespace": "ml",
+            "uid": "w-1",
+            "resourceVersion": "7",
+        },
         "spec": {"podSets": [{"name": "workers", "count": spec_count, "template": {}}]},
         "status": {
             "conditions": [
@@ -446,6 +451,7 @@ def test_clearing_an_evicted_admission_is_what_kueues_integrations_write() -> No
     before = copy.deepcopy(original)
     body = k.clear_admission_apply(original, NOW)
     assert original == before
+    assert body["metadata"]["resourceVersion"] == "7"
     status = body["status"]
     assert "admission" not in status
     conds = {c["type"]: c for c in status["conditions"]}
