@@ -40,6 +40,18 @@ from ddl_operator.api.models import DDLJob, DDLJobStatus, Phase
 from ddl_operator.apiclient import load_client
 from ddl_operator.cache import Callbacks, ClusterCache
 from ddl_operator.core.ledger import PodCharge
+from ddl_operator.core.preemption import (
+    PREEMPTED_BY,
+    Eviction,
+    NoPreemption,
+    PreemptedRecord,
+    PreemptionPolicy,
+    encode_record,
+    holding,
+    parse_record,
+    preempt,
+    record_for,
+)
 from ddl_operator.core.queueing import (
     Demand,
     Slot,
@@ -177,23 +189,36 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
             queue=slot,
         )
 
-    # A job with unplaced workers goes straight to the serialised step; others decide
-    # without the lock, and take it only if their plan places someone after all.
-    plan = None if any(not p.placed_on for p in snap.pods) else decide(snap)
+    # A job with unplaced workers goes straight to the serialised step (so does a victim of
+    # preemption: only the queue says when it may grow back); others decide without the
+    # lock, and take it only if their plan places someone after all.
+    record = _record(snap.job)
+    unplaced = any(not p.placed_on for p in snap.pods)
+    plan = None if unplaced or record is not None else decide(snap)
+    priorities = kube.priority_classes()
+    evictions: list[tuple[Eviction, JobKey]] = []
     if plan is None or plan.place:
         # Decide on capacity read under the lock, and reserve what was chosen before the
         # next job reads it; the API writes happen after the lock is released.
-        priorities = kube.priority_classes()
         with rt.claim_lock:
             snap = replace(snap, nodes=kube.node_infos(snap.job))
-            slot = _queue_slot(rt, snap, priorities, now)
+            demand, slot = _queue_slot(rt, snap, priorities, now, record is not None)
             plan = decide(snap, slot)
             _reserve(cache, snap, plan)
             if plan.place:
                 rt.demands.pop(key, None)  # what it placed is in the cache's count now
-    elif key in rt.demands:
+            elif demand is not None and slot is None:
+                evictions = _preempt(rt, snap, demand, priorities, now)
+            _file_holder(rt, snap, plan, priorities)
+    else:
         with rt.claim_lock:
             rt.demands.pop(key, None)
+            _file_holder(rt, snap, plan, priorities)
+    for eviction, victim in evictions:
+        _mark_victim(rt, key, eviction, victim, now)
+    if evictions:
+        names = ", ".join(f"{ns}/{n}" for _, (ns, n) in evictions)
+        plan.events.append(Event("Normal", "Preempting", f"taking GPUs from {names}"))
     metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - t0)
     identity = (
         (settings.worker_service_account, settings.worker_cluster_role)
@@ -213,7 +238,8 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
     if written is not None and _at_rest(decide, snap, plan):
         rt.echoes[key] = written
     status = plan.status
-    wanted = 0 if status.phase == "Suspended" else snap.job.spec.replicas
+    # Suspended by its spec it wants nothing; suspended by preemption it waits to resume.
+    wanted = 0 if snap.job.spec.suspend else snap.job.spec.replicas
     pending = max(0, wanted - status.replicas) * snap.job.spec.gpus_per_worker
     metrics.PENDING_GPUS.labels(namespace, name).set(pending)
     metrics.JOB_EPOCH.labels(namespace, name).set(status.epoch)
@@ -231,10 +257,12 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
 
 
 def _queue_slot(
-    rt: Runtime, snap: Snapshot, priorities: PriorityClasses, now: dt.datetime
-) -> Slot | None:
-    """Files the job's demand in the GPU queue and returns the capacity it may claim (under
-    the claim lock). None when nothing waits ahead of it: all free GPUs are its to take.
+    rt: Runtime, snap: Snapshot, priorities: PriorityClasses, now: dt.datetime, held: bool
+) -> tuple[Demand | None, Slot | None]:
+    """Files the job's demand in the GPU queue and returns it with the capacity the job
+    may claim (under the claim lock). No slot when nothing waits ahead of it: all free GPUs
+    are its to take; but a job `held` by a preemption record always gets one, since only a
+    slot that fits lets it grow back.
 
     Only jobs that could not place yet stay filed, so the walk costs a placement per job
     that is waiting, not per job in the cluster.
@@ -243,11 +271,10 @@ def _queue_slot(
     request = pending_request(job, snap.pods, snap.nodes, now)
     if request is None or request.units_per_worker <= 0:
         rt.demands.pop(key, None)
-        return None
-    name = priority_class_name(job.spec.template)
+        return None, None
     demand = Demand(
         key=key,
-        priority=priority_of(name, priorities.values, priorities.global_default),
+        priority=_priority(job, priorities),
         created=_created(snap.body, now),
         request=request,
         eligible=frozenset(n.name for n in snap.nodes if n.schedulable),
@@ -255,9 +282,79 @@ def _queue_slot(
     rt.demands[key] = demand
     mine = queue_key(demand)
     ahead = [d for d in rt.demands.values() if queue_key(d) < mine]
-    if not ahead:
-        return None
-    return arrange([*ahead, demand], snap.nodes, until=key).slots.get(key)
+    if not ahead and not held:
+        return demand, None
+    return demand, arrange([*ahead, demand], snap.nodes, until=key).slots.get(key)
+
+
+def _priority(job: DDLJob, priorities: PriorityClasses) -> int:
+    name = priority_class_name(job.spec.template)
+    return priority_of(name, priorities.values, priorities.global_default)
+
+
+def _record(job: DDLJob) -> PreemptedRecord | None:
+    """The job's valid preemption record, if any (reconcile reports an invalid one)."""
+    record = parse_record((job.metadata.annotations or {}).get(PREEMPTED_BY))
+    return record if isinstance(record, PreemptedRecord) else None
+
+
+def _file_holder(rt: Runtime, snap: Snapshot, plan: Plan, priorities: PriorityClasses) -> None:
+    """Files what the job holds as preemption sees it (under the claim lock): its placed
+    workers that stay, in rank order; nothing once it holds no GPUs."""
+    job = snap.job
+    key = (job.metadata.namespace, job.metadata.name)
+    holder = holding(
+        key,
+        _priority(job, priorities),
+        _created(snap.body, rt.clock()),
+        job,
+        [p for p in snap.pods if p.name not in plan.delete],
+        leaving=rt.leaving_pods(key, frozenset(p.name for p in snap.pods)),
+    )
+    if holder is None:
+        rt.holders.pop(key, None)
+    else:
+        rt.holders[key] = holder
+
+
+def _preempt(
+    rt: Runtime, snap: Snapshot, demand: Demand, priorities: PriorityClasses, now: dt.datetime
+) -> list[tuple[Eviction, JobKey]]:
+    """For the first job in the queue that does not fit: the evictions that make it fit
+    (under the claim lock). The GPUs of workers already leaving count as free, so a pass
+    during the hand-over evicts nobody more."""
+    name = priority_class_name(snap.job.spec.template)
+    policy: PreemptionPolicy = (
+        "Never" if name in priorities.never_preempt else ("PreemptLowerPriority")
+    )
+    nodes = rt.without_leaving(snap.nodes)
+    running = [h for k, h in rt.holders.items() if k != demand.key]
+    decision = preempt(demand, nodes, running, policy)
+    if isinstance(decision, NoPreemption):
+        log.debug("%s/%s: no preemption: %s", *demand.key, decision.reason)
+        return []
+    victims = []
+    for eviction in decision.victims:
+        holder = rt.holders[eviction.job]
+        gone = {pod: node for pod, node in holder.workers if pod in eviction.pods}
+        rt.mark_leaving(eviction.job, gone, holder.units_per_worker)
+        victims.append((eviction, eviction.job))
+    log.info(
+        "%s/%s: preempting in %s: %s",
+        *demand.key,
+        decision.domain,
+        "; ".join(e.message for e in decision.victims),
+    )
+    return victims
+
+
+def _mark_victim(
+    rt: Runtime, preemptor: JobKey, eviction: Eviction, victim: JobKey, now: dt.datetime
+) -> None:
+    """Writes the victim's record; its own pass carries the eviction out and says so."""
+    body = {"metadata": {"namespace": victim[0], "name": victim[1]}}
+    value = encode_record(record_for(eviction, preemptor, now))
+    rt.kube.patch_annotations(body, {PREEMPTED_BY: value})
 
 
 def _created(body: Mapping[str, Any], now: dt.datetime) -> dt.datetime:

@@ -9,18 +9,26 @@ for keys whose passes fail.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
+import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from ddl_operator.cache import ClusterCache
+from ddl_operator.core.preemption import Running
 from ddl_operator.core.queueing import Demand
+from ddl_operator.core.topology import NodeInfo
 from ddl_operator.kube import Kube
 from ddl_operator.leader import LeaderElector, LeaseConfig
 
 JobKey = tuple[str, str]  # (namespace, name)
 WORKERS: Final = 4
+# How long GPUs of workers a preemption evicts count as free for the next preemption
+# decision: time for the victim's pass to re-form without them and their pods to go.
+LEAVING_SECONDS: Final = 120.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,10 @@ class Runtime:
     # Jobs waiting for GPUs, in the GPU queue's terms (core/queueing.py): each job's pass
     # files or withdraws its own, under the claim lock, where the queue is read.
     demands: dict[JobKey, Demand] = field(default_factory=dict)
+    # What running jobs hold, for preemption; and the workers preemption already took from
+    # them (job -> pod -> (node, GPUs, until when)). Both under the claim lock, too.
+    holders: dict[JobKey, Running] = field(default_factory=dict)
+    leaving: dict[JobKey, dict[str, tuple[str, int, float]]] = field(default_factory=dict)
     known_jobs: set[JobKey] = field(default_factory=set)
     # Jobs that want GPUs they do not hold: freed capacity or a changed node may let them grow.
     pending_jobs: set[JobKey] = field(default_factory=set)
@@ -174,6 +186,40 @@ class Runtime:
     echoes: dict[JobKey, str] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     elector: LeaderElector | None = None
+
+    def clock(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    def mark_leaving(self, job: JobKey, pods: Mapping[str, str], units: int) -> None:
+        until = time.monotonic() + LEAVING_SECONDS
+        self.leaving.setdefault(job, {}).update({p: (n, units, until) for p, n in pods.items()})
+
+    def leaving_pods(self, job: JobKey, present: frozenset[str] | None = None) -> frozenset[str]:
+        """The job's workers preemption took, still leaving; forgets expired ones and, given
+        the job's `present` pods, those already gone (the cache no longer counts them)."""
+        now = time.monotonic()
+        pods = {
+            pod: entry
+            for pod, entry in self.leaving.get(job, {}).items()
+            if entry[2] > now and (present is None or pod in present)
+        }
+        if pods:
+            self.leaving[job] = pods
+        else:
+            self.leaving.pop(job, None)
+        return frozenset(pods)
+
+    def without_leaving(self, nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
+        """`nodes` with the GPUs of leaving workers counted as free."""
+        freed: dict[str, int] = {}
+        now = time.monotonic()
+        for pods in self.leaving.values():
+            for node, units, until in pods.values():
+                if until > now:
+                    freed[node] = freed.get(node, 0) + units
+        return [
+            replace(n, used=max(0, n.used - freed[n.name])) if n.name in freed else n for n in nodes
+        ]
 
     async def close(self) -> None:
         """Stop everything this runtime started, on the loop it started on.

@@ -16,7 +16,7 @@ from ddl_operator.api.models import DDLJob
 from ddl_operator.core.reconcile import Plan
 from ddl_operator.core.topology import NodeInfo
 from ddl_operator.core.validate import CHILD_REFUSED, CONDITION, UNUSABLE_TEMPLATE
-from ddl_operator.kube import Snapshot
+from ddl_operator.kube import PriorityClasses, Snapshot
 from ddl_operator.runtime import Runtime, Settings, WorkQueue
 
 from builders import make_ddljob, set_path
@@ -40,6 +40,9 @@ class FakeKube:
 
     def snapshot(self, namespace: str, name: str) -> Snapshot:
         return self.snap
+
+    def priority_classes(self) -> PriorityClasses:
+        return PriorityClasses()
 
     def apply(self, snap: Snapshot, plan: Plan, identity: Any = None) -> None:
         if plan.create and self.refusal is not None:

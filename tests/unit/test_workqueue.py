@@ -22,7 +22,7 @@ from ddl_operator import controller
 from ddl_operator.api.models import DDLJob
 from ddl_operator.core.reconcile import Event, Plan
 from ddl_operator.core.topology import NodeInfo
-from ddl_operator.kube import Snapshot
+from ddl_operator.kube import PriorityClasses, Snapshot
 from ddl_operator.runtime import Backoff, JobKey, Runtime, Settings, WorkQueue
 
 from builders import make_ddljob
@@ -204,6 +204,9 @@ class FakeKube:
 
     def node_infos(self, job: DDLJob) -> list[NodeInfo]:
         return [self.node]
+
+    def priority_classes(self) -> PriorityClasses:
+        return PriorityClasses()
 
     def apply(self, snap: Snapshot, plan: Plan, identity: Any = None) -> str | None:
         name = snap.job.metadata.name

@@ -365,6 +365,13 @@ class DDLJobSpec(ApiModel):
         "suspended counts neither as a restart nor toward elastic.waitForCapacitySeconds "
         "(the batch/v1 Job convention).",
     )
+    preemptible: bool = Field(
+        default=True,
+        description="False keeps higher-priority jobs from taking this job's GPUs (it is "
+        "never shrunk or suspended for them). True lets a job of higher priority that does not "
+        "fit shrink it toward its minReplicas first, and suspend it only if shrinking is not "
+        "enough; it grows back or resumes once the GPU queue lets it.",
+    )
     template: dict[str, Any] = Field(json_schema_extra=_TEMPLATE_SCHEMA)
 
     @property

@@ -51,12 +51,16 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from ddl_operator.api import constants as c
+from ddl_operator.api.models import DDLJob
 from ddl_operator.core.placement import GangRequest, Placement, place
 from ddl_operator.core.queueing import Demand, JobKey, Slot
 from ddl_operator.core.topology import Domain, NodeInfo, build_tree, level_name
+
+if TYPE_CHECKING:
+    from ddl_operator.core.reconcile import WorkerPod
 
 PREEMPTED_BY: Final = f"{c.GROUP}/preempted-by"
 PREEMPTED: Final = "Preempted"  # condition type and event reason on a victim
@@ -637,3 +641,34 @@ __all__ = [
     "preempt",
     "record_for",
 ]
+
+
+def holding(
+    key: JobKey,
+    priority: int,
+    created: dt.datetime,
+    job: DDLJob,
+    pods: Sequence[WorkerPod],
+    leaving: frozenset[str] = frozenset(),
+) -> Running | None:
+    """What a job holds, as a candidate victim: its placed workers that are not leaving, rank
+    order first (the members of its rendezvous), then by slot; None when it holds no GPUs
+    or is finished."""
+    spec = job.spec
+    if spec.gpus_per_worker <= 0 or job.status.phase in ("Succeeded", "Failed"):
+        return None
+    members = job.status.rendezvous.members if job.status.rendezvous else []
+    ranks = {m.pod: m.rank for m in members}
+    staying = [p for p in pods if p.placed_on and not p.deleting and p.name not in leaving]
+    if not staying:
+        return None
+    staying.sort(key=lambda p: (ranks.get(p.name, len(ranks) + p.slot), p.slot))
+    return Running(
+        key=key,
+        priority=priority,
+        created=created,
+        units_per_worker=spec.gpus_per_worker,
+        workers=tuple((p.name, p.placed_on or "") for p in staying),
+        min_workers=max(1, min(spec.min_replicas, len(staying))),
+        preemptible=spec.preemptible,
+    )
