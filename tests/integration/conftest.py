@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -32,9 +33,16 @@ def kubectl(control_plane: ControlPlane) -> Kubectl:
 @pytest.fixture(scope="session")
 def crd_installed(kubectl: Kubectl) -> None:
     kubectl.run("apply", "--server-side", "-f", str(CRD_FILE))
-    kubectl.run(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/ddljobs.ddl-operator.dev"
-    )
+    # Right after the apply the CRD may have no conditions yet, which `kubectl wait` reports
+    # as an error rather than waiting: ask again until it is Established.
+    for attempt in range(10):
+        proc = kubectl.run(
+            "wait", "--for=condition=Established", "--timeout=30s",
+            "crd/ddljobs.ddl-operator.dev", check=attempt == 9,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            return
+        time.sleep(1)
 
 
 @pytest.fixture
