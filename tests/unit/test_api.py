@@ -140,3 +140,27 @@ def test_gpu_rules_name_the_containers() -> None:
         ".template.spec.initContainers",
     ]
     assert all("gpusPerWorker" in r["message"] for r in gpu)
+
+
+def test_goodput_policies_default_to_today_and_bound_their_numbers() -> None:
+    spec = DDLJobSpec.model_validate(make_ddljob(replicas=4, min_replicas=2)["spec"])
+    assert spec.stragglers.action == "Report" and spec.stragglers.threshold == 1.2
+    assert spec.elastic is not None and spec.elastic.scaling == "Replicas"
+    with pytest.raises(ValidationError, match="threshold"):
+        DDLJobSpec.model_validate(make_ddljob(stragglers={"threshold": 1.0})["spec"])
+    elastic = {"minReplicas": 1, "maxReplicas": 2, "scalingGain": 1.5}
+    with pytest.raises(ValidationError, match="scalingGain"):
+        DDLJobSpec.model_validate(make_ddljob(elastic=elastic)["spec"])
+    threshold = _root()["properties"]["spec"]["properties"]["stragglers"]["properties"]["threshold"]
+    assert threshold["minimum"] == 1.0 and threshold["exclusiveMinimum"] is True, (
+        "OpenAPI v3.0's form of an exclusive bound"
+    )
+
+
+def test_goodput_status_is_bounded() -> None:
+    status = _root()["properties"]["status"]["properties"]
+    assert status["stragglers"]["properties"]["cooling"]["maxItems"] == 64
+    sizing = status["sizing"]["properties"]
+    assert sizing["tried"]["maxItems"] == 32 and sizing["samples"]["maxItems"] == 16
+    assert sizing["message"]["maxLength"] == 1024
+    assert "default" not in str(status["sizing"]), "status carries no defaults"

@@ -58,6 +58,10 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
         return _resolve({**variants[0], **rest}, defs)
     if "const" in node:
         node = {**{k: v for k, v in node.items() if k != "const"}, "enum": [node["const"]]}
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if not isinstance(node.get(bound, False), bool):
+            # JSON Schema's numeric form (pydantic's gt/lt) in OpenAPI v3.0's: bound and flag.
+            node = {**node, limit: node[bound], bound: True}
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROPPED_KEYS:
@@ -248,9 +252,15 @@ def _reference_rows(schema: dict[str, Any], prefix: str) -> list[str]:
             kind = " \\| ".join(str(v) for v in sub["enum"])
         default = sub.get("default")
         shown = "" if default is None or isinstance(default, dict) else f"`{json.dumps(default)}`"
+        exclusive = {"minimum": sub.get("exclusiveMinimum"), "maximum": sub.get("exclusiveMaximum")}
         limits = [
-            f"{op} {sub[key]}"
-            for key, op in (("minimum", ">="), ("maximum", "<="), ("minItems", "items >="))
+            f"{op[:1] if exclusive.get(key) else op} {sub[key]}"
+            for key, op in (
+                ("minimum", ">="),
+                ("maximum", "<="),
+                ("minItems", "items >="),
+                ("maxItems", "items <="),
+            )
             if key in sub
         ]
         description = " ".join(sub.get("description", "").split())

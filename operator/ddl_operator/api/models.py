@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -19,6 +19,15 @@ LABEL_KEY_PATTERN = (
 
 # The most workers a job may have (replicas, elastic bounds).
 MAX_REPLICAS: Final = 10000
+# Bounds of the goodput state kept in status (anyone with status RBAC can write it, so the
+# schema bounds it and the core parses it again before it trusts it).
+MAX_STEP: Final = 2**53 - 1  # what survives a JSON reader that uses doubles
+MAX_COOLING_NODES: Final = 64
+MAX_SIZES_TRIED: Final = 32
+MAX_SIZE_SAMPLES: Final = 16
+MAX_GOODPUT_MESSAGE: Final = 1024
+_POD_NAME_MAX: Final = 253
+_DATE_TIME: Final[JsonDict] = {"format": "date-time"}
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
@@ -66,6 +75,72 @@ class Elastic(ApiModel):
         ge=0,
         description="How long a job below minReplicas waits for capacity before it fails "
         "(0 waits forever).",
+    )
+    scaling: Literal["Replicas", "Throughput"] = Field(
+        default="Replicas",
+        description="Replicas: grow to replicas whenever workers fit. Throughput: grow one "
+        "worker at a time toward replicas and keep a growth only if the job's samples/s "
+        "(rank 0) rose by at least scalingGain of linear scaling; otherwise go back to the "
+        "fastest size seen and try again after scalingCoolDownSeconds (status.sizing shows "
+        "each size tried).",
+    )
+    scaling_gain: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Scaling: Throughput keeps growing from p to w workers only if samples/s "
+        "rose by at least this share of the linear gain (w - p) x throughput / p.",
+    )
+    scaling_settle_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=86400,
+        description="Scaling: Throughput measures a size only this long after the gang "
+        "re-formed (start-up and checkpoint loading read low).",
+    )
+    scaling_cool_down_seconds: int = Field(
+        default=1800,
+        ge=0,
+        le=7 * 86400,
+        description="Scaling: Throughput does not grow again for this long after a growth "
+        "that did not pay.",
+    )
+
+
+class Stragglers(ApiModel):
+    """What the operator does about a worker that computes slower than the rest."""
+
+    action: Literal["Report", "Replace"] = Field(
+        default="Report",
+        description="Report: the Straggler condition names the slow worker. Replace: also, "
+        "once the same worker computed over threshold x the others' median for forSteps "
+        "steps, it is replaced at a re-form (every worker checkpoints at its step boundary) "
+        "by a worker on another node of the gang's innermost domain that has room, and its "
+        "node is avoided by this job for coolDownSeconds. At most one replacement per "
+        "re-form; each further one waits twice as long as the last (5 min, doubling up to 4 "
+        "h). Needs 3 or more workers.",
+    )
+    threshold: float = Field(
+        default=1.2,
+        gt=1.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="A worker is slow when its compute time per step (step time minus "
+        "sync-wait) exceeds this times the median of the others'.",
+    )
+    for_steps: int = Field(
+        default=50,
+        ge=1,
+        le=1_000_000,
+        description="Replace: how many steps a worker must stay slow before it is replaced.",
+    )
+    cool_down_seconds: int = Field(
+        default=1800,
+        ge=0,
+        le=7 * 86400,
+        description="Replace: how long this job places no worker on a replaced straggler's "
+        "node (other jobs may still use it).",
     )
 
 
@@ -365,6 +440,11 @@ class DDLJobSpec(ApiModel):
         "suspended counts neither as a restart nor toward elastic.waitForCapacitySeconds "
         "(the batch/v1 Job convention).",
     )
+    stragglers: Stragglers = Field(
+        default_factory=Stragglers,
+        description=Stragglers.__doc__,
+        json_schema_extra=_default_of(Stragglers),
+    )
     preemptible: bool = Field(
         default=True,
         description="False keeps higher-priority jobs from taking this job's GPUs (it is "
@@ -404,7 +484,10 @@ class Condition(ApiModel):
         "Stopping while workers checkpoint, Suspended once nothing is held, Resumed after), "
         "Queued (waiting behind other jobs for GPUs: position and what it waits for), "
         "Preempted (a higher-priority job took GPUs: reason Shrunk or Suspended naming it, "
-        "Restored once the queue let the job grow back, InvalidRecord if its record is ignored)."
+        "Restored once the queue let the job grow back, InvalidRecord if its record is ignored), "
+        "StragglerReplaced (spec.stragglers Replace: True naming the rank and nodes of the "
+        "last replacement, False saying why a slow worker stays), Sizing (elastic.scaling "
+        "Throughput: the last measurement and what the job tries next)."
     )
     status: Literal["True", "False", "Unknown"]
     reason: str = ""
@@ -445,6 +528,108 @@ class Rendezvous(ApiModel):
         return self.workers * self.processes_per_worker
 
 
+class CoolingNode(ApiModel):
+    """A node this job's placement avoids until `until` (a replaced straggler's)."""
+
+    node: str = Field(min_length=1, max_length=_POD_NAME_MAX)
+    until: str = Field(max_length=64, json_schema_extra=_DATE_TIME)
+
+
+class StragglerWatch(ApiModel):
+    """The straggler watch's memory between passes (spec.stragglers.action Replace)."""
+
+    epoch: int = Field(default=-1, ge=-1, le=MAX_STEP, description="Epoch of the streak.")
+    suspect: str | None = Field(
+        default=None,
+        max_length=_POD_NAME_MAX,
+        description="The worker pod found slow in every observation of the streak.",
+    )
+    since_step: int = Field(
+        default=0, ge=0, le=MAX_STEP, description="Step at which the streak began."
+    )
+    last_step: int = Field(
+        default=-1, ge=-1, le=MAX_STEP, description="Step of the last observation."
+    )
+    observations: int = Field(
+        default=0, ge=0, le=MAX_STEP, description="Observations in the streak."
+    )
+    replacements: int = Field(
+        default=0, ge=0, le=MAX_STEP, description="Stragglers replaced so far (back-off)."
+    )
+    last_replacement: str | None = Field(
+        default=None,
+        max_length=64,
+        description="When the last straggler was replaced.",
+        json_schema_extra=_DATE_TIME,
+    )
+    replaced_epoch: int = Field(
+        default=-1,
+        ge=-1,
+        le=MAX_STEP,
+        description="Epoch the last replaced straggler was seen in (one per re-form).",
+    )
+    cooling: list[CoolingNode] = Field(
+        default_factory=list,
+        max_length=MAX_COOLING_NODES,
+        description="Nodes of replaced stragglers, avoided by this job until the time given.",
+    )
+    placing_on: str | None = Field(
+        default=None,
+        max_length=_POD_NAME_MAX,
+        description="Node the pending replacement is placed on (cleared once placed).",
+    )
+
+
+class TriedSize(ApiModel):
+    """The job's throughput measured at one size."""
+
+    workers: int = Field(ge=1, le=MAX_REPLICAS)
+    samples_per_second: float = Field(ge=0.0, le=1e15, allow_inf_nan=False)
+    at: str = Field(max_length=64, json_schema_extra=_DATE_TIME)
+    kept: bool = Field(
+        default=True,
+        description="False: a growth to this size gained too little and was undone.",
+    )
+
+
+class Sizing(ApiModel):
+    """Throughput sizing's memory between passes (elastic.scaling Throughput)."""
+
+    target: int = Field(ge=0, le=MAX_REPLICAS, description="Workers the job should run with.")
+    epoch: int = Field(default=-1, ge=-1, le=MAX_STEP, description="Epoch being measured.")
+    workers: int = Field(default=0, ge=0, le=MAX_REPLICAS, description="Size being measured.")
+    formed_at: str | None = Field(
+        default=None,
+        max_length=64,
+        description="When the measured gang formed (it settles first).",
+        json_schema_extra=_DATE_TIME,
+    )
+    last_step: int = Field(
+        default=-1, ge=-1, le=MAX_STEP, description="Rank 0's step at the last sample."
+    )
+    samples: list[Annotated[float, Field(ge=0.0, le=1e15, allow_inf_nan=False)]] = Field(
+        default_factory=list,
+        max_length=MAX_SIZE_SAMPLES,
+        description="Samples/s readings of the measurement under way.",
+    )
+    measured: bool = Field(default=False, description="The current size has been measured.")
+    tried: list[TriedSize] = Field(
+        default_factory=list,
+        max_length=MAX_SIZES_TRIED,
+        description="The latest throughput measured at each size tried, by size.",
+    )
+    grew_from: int | None = Field(
+        default=None, ge=1, le=MAX_REPLICAS, description="Size a growth under test began at."
+    )
+    hold_until: str | None = Field(
+        default=None,
+        max_length=64,
+        description="No growth before this time (after a growth that did not pay).",
+        json_schema_extra=_DATE_TIME,
+    )
+    message: str = Field(default="", max_length=MAX_GOODPUT_MESSAGE)
+
+
 class DDLJobStatus(ApiModel):
     """What the operator observed and decided; written once per reconcile pass."""
 
@@ -476,6 +661,8 @@ class DDLJobStatus(ApiModel):
         description="When a worker was last lost (for backoffSeconds).",
         json_schema_extra={"format": "date-time"},
     )
+    stragglers: StragglerWatch | None = Field(default=None, description=StragglerWatch.__doc__)
+    sizing: Sizing | None = Field(default=None, description=Sizing.__doc__)
 
 
 class ObjectMeta(BaseModel):
