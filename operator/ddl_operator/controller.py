@@ -39,6 +39,7 @@ from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob, DDLJobStatus, Phase
 from ddl_operator.apiclient import load_client
 from ddl_operator.cache import Callbacks, ClusterCache
+from ddl_operator.core import kueue
 from ddl_operator.core.ledger import PodCharge
 from ddl_operator.core.preemption import (
     PREEMPTED_BY,
@@ -61,7 +62,7 @@ from ddl_operator.core.queueing import (
     queue_key,
 )
 from ddl_operator.core.reconcile import Event, Plan, pending_request, reconcile
-from ddl_operator.core.render import ANNOTATION_NODE
+from ddl_operator.core.render import ANNOTATION_NODE, owner_reference
 from ddl_operator.core.validate import (
     CHILD_REFUSED,
     UNUSABLE_TEMPLATE,
@@ -71,12 +72,16 @@ from ddl_operator.core.validate import (
     spec_errors,
 )
 from ddl_operator.kube import Kube, PriorityClasses, Snapshot
+from ddl_operator.kueueing import KueueApi, WorkloadWatch
 from ddl_operator.leader import LeaderElector
 from ddl_operator.runtime import JobKey, Runtime, Settings, WorkQueue
 
 log = logging.getLogger("ddl_operator")
 
 RESYNC_SECONDS: Final = 60.0
+# How often a job Kueue holds is looked at besides its Workload's events (and to notice
+# Kueue being installed).
+KUEUE_RECHECK_SECONDS: Final = 30.0
 ERROR_CONDITION: Final = "ReconcileError"
 # Exit status when the Lease is lost (client-go's controllers exit too): the process must not
 # reconcile beside the new leader, and its restart comes back as a standby.
@@ -177,10 +182,16 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
     for pod in snap.pods:
         if not pod.placed_on:
             cache.forget((namespace, pod.name))
+    priorities = kube.priority_classes()
+    queued = _kueue(rt, snap, priorities, now)
+    if queued is not None and queued.job_patch is not None:
+        # Kueue's verdict changed the job (suspend, admitted size or placement): this
+        # snapshot is stale now, and the patch's own event brings the next pass.
+        return Outcome(1.0)
     t0 = time.perf_counter()
 
     def decide(view: Snapshot, slot: Slot | None = None) -> Plan:
-        return reconcile(
+        decided = reconcile(
             view.job,
             view.pods,
             view.nodes,
@@ -188,6 +199,9 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
             service_account=settings.worker_service_account,
             queue=slot,
         )
+        if queued is not None:
+            decided.status = kueue.with_condition(decided.status, queued.condition, now)
+        return decided
 
     # A job with unplaced workers goes straight to the serialised step (so does a victim of
     # preemption: only the queue says when it may grow back); others decide without the
@@ -195,7 +209,6 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
     record = _record(snap.job)
     unplaced = any(not p.placed_on for p in snap.pods)
     plan = None if unplaced or record is not None else decide(snap)
-    priorities = kube.priority_classes()
     evictions: list[tuple[Eviction, JobKey]] = []
     if plan is None or plan.place:
         # Decide on capacity read under the lock, and reserve what was chosen before the
@@ -219,6 +232,11 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
     if evictions:
         names = ", ".join(f"{ns}/{n}" for _, (ns, n) in evictions)
         plan.events.append(Event("Normal", "Preempting", f"taking GPUs from {names}"))
+    if queued is not None and kueue.condition_news(snap.job.status, queued.condition):
+        ok, _reason, message = queued.condition
+        plan.events.append(Event("Normal" if ok else "Warning", kueue.JOB_CONDITION, message))
+    if queued is not None and queued.holds:
+        plan.requeue_after = min(plan.requeue_after or KUEUE_RECHECK_SECONDS, KUEUE_RECHECK_SECONDS)
     metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - t0)
     identity = (
         (settings.worker_service_account, settings.worker_cluster_role)
@@ -254,6 +272,61 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         plan.requeue_after or None,
         wants_gpus=bool(pending) or status.phase in ("Pending", "Placing", "Rescaling"),
     )
+
+
+def _kueue(
+    rt: Runtime, snap: Snapshot, priorities: PriorityClasses, now: dt.datetime
+) -> kueue.OwnerStep | None:
+    """The owner's part for a job labelled kueue.x-k8s.io/queue-name (None for others): its
+    Workload read, created or adopted, the writes core/kueue.py decides, applied."""
+    job = snap.job
+    try:
+        queue = kueue.queue_name(job)
+    except kueue.WorkloadShapeError as err:
+        step = kueue.hold(job, "InvalidQueueName", str(err))
+    else:
+        if queue is None:
+            return None
+        if rt.kueue is None or not rt.kueue.installed():
+            step = kueue.hold(
+                job,
+                "KueueNotInstalled",
+                f"labelled {kueue.LABEL_QUEUE_NAME}={queue}, but the API server serves no "
+                f"{kueue.API_VERSION} Workloads: install Kueue (integrations."
+                'externalFrameworks: ["DDLJob.v1alpha1.ddl-operator.dev"]) or remove the label',
+            )
+        else:
+            step = _owner_step(rt.kueue, snap, queue, priorities, now)
+    if step.job_patch is not None:
+        rt.kube.patch_job(snap.body, step.job_patch)
+    return step
+
+
+def _owner_step(
+    api: KueueApi, snap: Snapshot, queue: str, priorities: PriorityClasses, now: dt.datetime
+) -> kueue.OwnerStep:
+    job = snap.job
+    namespace, uid = job.metadata.namespace, job.metadata.uid
+    obj = api.get_workload(namespace, kueue.workload_name(job))
+    if obj is not None and not kueue.owned(obj, uid):
+        obj = api.adopt(obj, owner_reference(job))
+    flavors: list[dict[str, Any]] = []
+    if obj is not None:
+        status = kueue.workload_status(obj)
+        if status.may_run and status.admission is not None:
+            flavors = api.flavors(status.admission.flavor_names)
+    priority = kueue.owner_priority(
+        priority_class_name(job.spec.template), priorities.values, priorities.global_default
+    )
+    phases = [p.phase for p in snap.pods]
+    step = kueue.owner_step(job, queue, obj, flavors, phases, priority, now)
+    if step.create is not None:
+        api.create_workload(step.create)
+    if step.delete_stale and obj is not None:
+        api.delete_workload(obj)
+    for write in step.writes:
+        api.apply_status(write)
+    return step
 
 
 def _queue_slot(
@@ -600,14 +673,19 @@ def _build(settings: Settings, loop: asyncio.AbstractEventLoop) -> Runtime:
         client.CoreV1Api(load_client()),
         Callbacks(node_changed, capacity_freed, worker_event, relisted),
     )
+    queued_api = KueueApi(load_client())
     rt = Runtime(
         settings=settings,
         queue=WorkQueue(),
         kube=Kube(load_client(), cache),
         cache=cache,
         executor=ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile"),
+        kueue=queued_api,
+        workload_watch=WorkloadWatch(queued_api, worker_event, settings.namespaces),
     )
     cache.start()
+    if rt.workload_watch is not None:
+        rt.workload_watch.start()
     return rt
 
 

@@ -202,6 +202,24 @@ class Kube:
         )
         return written
 
+    def patch_job(self, body: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge-patch the job's spec and metadata (Kueue's admission and eviction), at the
+        resourceVersion `body` was read at: a job changed meanwhile answers 409."""
+        meta = body["metadata"]
+        changes = {**(patch.get("metadata") or {})}
+        if meta.get("resourceVersion"):
+            changes["resourceVersion"] = meta["resourceVersion"]
+        written: dict[str, Any] = self.custom.patch_namespaced_custom_object(
+            c.GROUP,
+            c.VERSION,
+            meta["namespace"],
+            c.PLURAL,
+            meta["name"],
+            {**patch, "metadata": changes},
+            _content_type="application/merge-patch+json",
+        )
+        return written
+
     def apply(
         self, snap: Snapshot, plan: Plan, worker_identity: tuple[str, str] | None = None
     ) -> str | None:

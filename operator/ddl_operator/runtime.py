@@ -22,6 +22,7 @@ from ddl_operator.core.preemption import Running
 from ddl_operator.core.queueing import Demand
 from ddl_operator.core.topology import NodeInfo
 from ddl_operator.kube import Kube
+from ddl_operator.kueueing import KueueApi, WorkloadWatch
 from ddl_operator.leader import LeaderElector, LeaseConfig
 
 JobKey = tuple[str, str]  # (namespace, name)
@@ -186,6 +187,10 @@ class Runtime:
     echoes: dict[JobKey, str] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     elector: LeaderElector | None = None
+    # Kueue's API (jobs labelled kueue.x-k8s.io/queue-name) and the watch on our Workloads;
+    # None where nothing was set up (then such jobs are held, saying Kueue is missing).
+    kueue: KueueApi | None = None
+    workload_watch: WorkloadWatch | None = None
 
     def clock(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
@@ -237,4 +242,6 @@ class Runtime:
         self.executor.shutdown(wait=True, cancel_futures=True)
         if self.elector is not None:
             self.elector.stop()  # hands the Lease back: a standby takes over at once
+        if self.workload_watch is not None:
+            self.workload_watch.stop()
         self.cache.stop()

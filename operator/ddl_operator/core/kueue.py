@@ -21,13 +21,15 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ddl_operator.api import constants as c
-from ddl_operator.api.models import DDLJob
+from ddl_operator.api.models import Condition as JobCondition
+from ddl_operator.api.models import DDLJob, DDLJobStatus
 from ddl_operator.core.render import LABEL_SLOT, owner_reference, pod_name, worker_pod
 
 GROUP: Final = "kueue.x-k8s.io"
@@ -648,6 +650,348 @@ def _seconds_since(stamp: str, now: dt.datetime) -> int:
     except ValueError:
         return 0
     return max(0, int((now - then).total_seconds()))
+
+
+# -- the owner's part for one job --------------------------------------------------------------
+
+# The job's condition saying what Kueue decided (reason Admitted, Pending, Evicted, Finished,
+# KueueNotInstalled or InvalidQueueName; the message says what it waits for).
+JOB_CONDITION: Final = "KueueAdmitted"
+# What admission changed on the job (JSON: the replicas and the worker template's nodeSelector
+# and tolerations as they were), so eviction can undo it - Kueue's own integrations restore
+# a stopped job's pod sets the same way (jobframework RestorePodSetsInfo).
+ANNOTATION_ADMISSION: Final = f"{c.GROUP}/kueue-admission"
+# Field managers of the operator's Workload status writes (server-side apply, one per condition).
+PODS_READY_MANAGER: Final = "ddl-operator-PodsReady"
+FINISHED_MANAGER: Final = "ddl-operator-Finished"
+_TERMINAL: Final = ("Succeeded", "Failed")
+_HOLDING: Final = ("Pending", "Running", "Unknown")
+
+
+@dataclass(frozen=True)
+class Injected:
+    """What the job looked like before admission changed it (ANNOTATION_ADMISSION)."""
+
+    replicas: int
+    node_selector: Mapping[str, str] | None
+    tolerations: tuple[Mapping[str, Any], ...] | None
+
+    def encode(self) -> str:
+        return json.dumps(
+            {
+                "replicas": self.replicas,
+                "nodeSelector": None if self.node_selector is None else dict(self.node_selector),
+                "tolerations": None if self.tolerations is None else list(self.tolerations),
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+
+def injected(job: DDLJob) -> Injected | None:
+    """The job's record of what admission changed; None without one. Users can edit
+    annotations, so a record that does not parse raises WorkloadShapeError naming it."""
+    raw = job.metadata.annotations.get(ANNOTATION_ADMISSION)
+    if raw is None:
+        return None
+    where = f"metadata.annotations[{ANNOTATION_ADMISSION}]"
+    try:
+        value = json.loads(raw)
+    except ValueError as err:
+        raise WorkloadShapeError(f"{where}: not JSON ({err})") from None
+    record = _as_obj(value, where)
+    selector = (
+        None if record.get("nodeSelector") is None else _str_map(record, "nodeSelector", where)
+    )
+    tolerations = None
+    if record.get("tolerations") is not None:
+        # Kept as the user wrote them (the API server checks them when they go back).
+        items = _list(record, "tolerations", f"{where}.tolerations")
+        tolerations = tuple(
+            dict(_as_obj(t, f"{where}.tolerations[{i}]")) for i, t in enumerate(items)
+        )
+    return Injected(_int(record, "replicas", f"{where}.replicas", 1), selector, tolerations)
+
+
+def original(job: DDLJob) -> Injected:
+    """The job as its user wrote it: the record if admission changed it, else as it is."""
+    if (record := injected(job)) is not None:
+        return record
+    spec = job.spec.template.get("spec") or {}
+    tols = spec.get("tolerations")
+    return Injected(
+        job.spec.replicas,
+        None if spec.get("nodeSelector") is None else dict(spec["nodeSelector"]),
+        None if tols is None else tuple(tols),
+    )
+
+
+def as_written(job: DDLJob) -> DDLJob:
+    """`job` with what admission changed undone: the Workload is built from this."""
+    was = original(job)
+    template = copy.deepcopy(job.spec.template)
+    pod_spec = template.setdefault("spec", {})
+    if was.node_selector is None:
+        pod_spec.pop("nodeSelector", None)
+    else:
+        pod_spec["nodeSelector"] = dict(was.node_selector)
+    if was.tolerations is None:
+        pod_spec.pop("tolerations", None)
+    else:
+        pod_spec["tolerations"] = [dict(t) for t in was.tolerations]
+    spec = job.spec.model_copy(update={"replicas": was.replicas, "template": template})
+    return job.model_copy(update={"spec": spec})
+
+
+@dataclass(frozen=True)
+class StatusWrite:
+    """A server-side apply of a Workload's status subresource."""
+
+    body: dict[str, Any]
+    field_manager: str
+    force: bool = False
+
+
+@dataclass
+class OwnerStep:
+    """What the operator does about a queued job's Workload in one pass (before reconcile)."""
+
+    # The job's KueueAdmitted condition: (status, reason, message).
+    condition: tuple[bool, str, str]
+    create: dict[str, Any] | None = None  # the Workload to create
+    delete_stale: bool = False  # the pending Workload no longer matches the job: recreate it
+    writes: list[StatusWrite] = field(default_factory=list)
+    # A merge patch on the job (spec.suspend, replicas, the worker template, the record). The
+    # pass ends after it: the snapshot it read is stale, and the patch's event brings the next.
+    job_patch: dict[str, Any] | None = None
+
+    @property
+    def holds(self) -> bool:
+        """The job must hold nothing this pass (its message says why)."""
+        return not self.condition[0]
+
+
+def owner_step(
+    job: DDLJob,
+    queue: str,
+    obj: Mapping[str, Any] | None,
+    flavors: Iterable[Mapping[str, Any]],
+    pod_phases: Iterable[str],
+    priority: Priority | None,
+    now: dt.datetime,
+) -> OwnerStep:
+    """Decides the owner's writes for a job labelled with `queue`, given its Workload as read
+    (None if there is none yet), the ResourceFlavors its admission names, and the phases of
+    the job's worker pods (jobframework's reconcile, for one pod set):
+
+    - no Workload: create it; the job stays suspended until it is admitted;
+    - admitted: inject the flavor's node labels and tolerations into the worker template, run
+      the admitted count (partial admission lowers spec.replicas; the record keeps the old),
+      unsuspend; PodsReady once the gang trains;
+    - not admitted (pending, evicted, deactivated): suspend; once no worker pod is left, undo
+      the injection and, if Kueue evicted it, clear the admission so it queues again;
+    - the job ended: mark the Workload Finished.
+    """
+    terminal = job.status.phase in _TERMINAL
+    if obj is None:
+        if terminal:
+            return OwnerStep((False, "Finished", f"the job {job.status.phase.lower()}"))
+        name = workload_name(job)
+        return OwnerStep(
+            (False, "Pending", f"waiting for Kueue to consider Workload {name}"),
+            create=workload(as_written(job), queue, priority),
+            job_patch=_suspend_patch(job),
+        )
+    status = workload_status(obj)
+    if terminal:
+        step = OwnerStep((False, "Finished", f"the job {job.status.phase.lower()}"))
+        if not status.finished:
+            succeeded = job.status.phase == "Succeeded"
+            body = finished_apply(obj, succeeded, job.status.message or job.status.phase, now)
+            step.writes.append(StatusWrite(body, FINISHED_MANAGER))
+        return step
+    if status.may_run:
+        return _admitted_step(job, obj, status, flavors, now)
+    holding = any(phase in _HOLDING for phase in pod_phases)
+    reason = "Evicted" if status.evicted else "Finished" if status.finished else "Pending"
+    step = OwnerStep((False, reason, status.waiting_for()))
+    if not job.spec.suspend:
+        step.job_patch = _suspend_patch(job)
+        return step
+    if holding:
+        return step  # reconcile is stopping the workers; the next pass goes on from here
+    if injected(job) is not None:
+        step.job_patch = _restore_patch(job)
+    if status.evicted is not None and status.quota_reserved:
+        step.writes.append(
+            StatusWrite(clear_admission_apply(obj, now), ADMISSION_FIELD_MANAGER, True)
+        )
+    elif not status.quota_reserved and _stale(obj, as_written(job)):
+        step.delete_stale = True
+    return step
+
+
+def hold(job: DDLJob, reason: str, message: str) -> OwnerStep:
+    """A queued job that cannot have a Workload (Kueue not installed, an unusable queue
+    label): it holds nothing and says why."""
+    return OwnerStep((False, reason, message), job_patch=_suspend_patch(job))
+
+
+def owner_priority(
+    name: str | None, values: Mapping[str, int], global_default: int | None
+) -> Priority | None:
+    """The Workload's priority: the template's PriorityClass, else the cluster's default
+    one, else none (Kueue counts 0)."""
+    if name is not None and name in values:
+        return Priority(values[name], name)
+    return Priority(global_default) if global_default is not None else None
+
+
+def owned(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether a Workload found by name names the job as its owner."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(isinstance(r, Mapping) and r.get("uid") == uid for r in refs)
+
+
+def _admitted_step(
+    job: DDLJob,
+    obj: Mapping[str, Any],
+    status: WorkloadStatus,
+    flavors: Iterable[Mapping[str, Any]],
+    now: dt.datetime,
+) -> OwnerStep:
+    assert status.admission is not None
+    placement = flavor_placement(status, flavors)
+    was = original(job)
+    count = min(status.admitted_count, was.replicas)
+    on = ", ".join(placement.flavors) or "no flavor"
+    partial = f" of {was.replicas}" if count < was.replicas else ""
+    step = OwnerStep(
+        (
+            True,
+            "Admitted",
+            f"admitted by ClusterQueue {status.admission.cluster_queue}: "
+            f"{count}{partial} workers on {on}",
+        )
+    )
+    pod_spec = job.spec.template.get("spec") or {}
+    selector = placement.node_selector(was.node_selector)
+    tolerations = placement.all_tolerations(was.tolerations)
+    record = was.encode()
+    if (
+        job.spec.suspend
+        or job.spec.replicas != count
+        or (pod_spec.get("nodeSelector") or {}) != selector
+        or list(pod_spec.get("tolerations") or []) != tolerations
+        or job.metadata.annotations.get(ANNOTATION_ADMISSION) != record
+    ):
+        step.job_patch = _job_patch(
+            job, False, count, selector or None, tolerations or None, record
+        )
+        return step
+    rendezvous = job.status.rendezvous
+    ready = job.status.phase == "Running" and rendezvous is not None and rendezvous.workers > 0
+    cond = status.conditions.get(PODS_READY)
+    if ready and (cond is None or not cond.true):
+        message = (
+            f"{rendezvous.workers if rendezvous else 0} workers train at epoch {job.status.epoch}"
+        )
+        step.writes.append(
+            StatusWrite(pods_ready_apply(obj, True, message, now), PODS_READY_MANAGER)
+        )
+    return step
+
+
+def _suspend_patch(job: DDLJob) -> dict[str, Any] | None:
+    if job.spec.suspend:
+        return None
+    return _job_patch(job, True)
+
+
+def _restore_patch(job: DDLJob) -> dict[str, Any]:
+    was = original(job)
+    return _job_patch(
+        job,
+        True,
+        was.replicas,
+        None if was.node_selector is None else dict(was.node_selector),
+        None if was.tolerations is None else list(was.tolerations),
+        None,
+    )
+
+
+_KEEP: Final[Any] = object()
+
+
+def _job_patch(
+    job: DDLJob,
+    suspend: bool,
+    replicas: int | None = None,
+    selector: Any = _KEEP,
+    tolerations: Any = _KEEP,
+    record: Any = _KEEP,
+) -> dict[str, Any]:
+    """A merge patch on the job (the I/O edge makes it conditional on the resourceVersion
+    the job was read at)."""
+    spec: dict[str, Any] = {"suspend": suspend}
+    if replicas is not None:
+        spec["replicas"] = replicas
+    pod_spec: dict[str, Any] = {}
+    if selector is not _KEEP:
+        # A merge patch merges maps: keys the new selector lacks are removed explicitly.
+        old = (job.spec.template.get("spec") or {}).get("nodeSelector") or {}
+        pod_spec["nodeSelector"] = (
+            None if selector is None and not old else {**dict.fromkeys(old), **(selector or {})}
+        )
+    if tolerations is not _KEEP:
+        pod_spec["tolerations"] = tolerations
+    if pod_spec:
+        spec["template"] = {"spec": pod_spec}
+    if record is _KEEP:
+        return {"spec": spec}
+    return {"metadata": {"annotations": {ANNOTATION_ADMISSION: record}}, "spec": spec}
+
+
+def _stale(obj: Mapping[str, Any], job: DDLJob) -> bool:
+    """Whether a Workload asks for other counts than the job (the user changed replicas or
+    the elastic minimum while it waited): Kueue's integrations then recreate it."""
+    want = workload(job, "", None)["spec"]["podSets"][0]
+    sets = (obj.get("spec") or {}).get("podSets") or []
+    have = next((s for s in sets if isinstance(s, Mapping) and s.get("name") == POD_SET), None)
+    if have is None:
+        return True
+    return (have.get("count"), have.get("minCount")) != (want["count"], want.get("minCount"))
+
+
+def with_condition(
+    status: DDLJobStatus, state: tuple[bool, str, str], now: dt.datetime
+) -> DDLJobStatus:
+    """`status` carrying the KueueAdmitted condition (its transition time kept while its
+    status stays); a job Kueue holds says why in its message too."""
+    ok, reason, message = state
+    value = "True" if ok else "False"
+    old = next((x for x in status.conditions if x.type == JOB_CONDITION), None)
+    since = (
+        old.last_transition_time
+        if old is not None and old.status == value and old.last_transition_time
+        else _timestamp(now)
+    )
+    cond = JobCondition(
+        type=JOB_CONDITION, status=value, reason=reason, message=message[:1024],
+        last_transition_time=since,
+    )  # fmt: skip
+    kept = [x for x in status.conditions if x.type != JOB_CONDITION]
+    update: dict[str, Any] = {"conditions": [*kept, cond]}
+    if not ok and status.phase not in _TERMINAL:
+        update["message"] = f"Kueue: {message}"
+    return status.model_copy(update=update)
+
+
+def condition_news(status: DDLJobStatus, state: tuple[bool, str, str]) -> bool:
+    """Whether the KueueAdmitted condition turns or changes reason (worth one event)."""
+    old = next((x for x in status.conditions if x.type == JOB_CONDITION), None)
+    value = "True" if state[0] else "False"
+    return old is None or (old.status, old.reason) != (value, state[1])
 
 
 # -- strict readers -----------------------------------------------------------------------------
