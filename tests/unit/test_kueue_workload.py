@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ddl_operator.api import constants as c
-from ddl_operator.api.models import DDLJob
+from ddl_operator.api.models import DDLJob, DDLJobStatus
 from ddl_operator.core import kueue as k
 from ddl_operator.core.render import LABEL_SLOT
 
@@ -481,3 +481,187 @@ def test_an_eviction_kueue_does_not_requeue_by_itself_says_so() -> None:
 def test_an_admission_that_was_not_evicted_is_not_cleared() -> None:
     with pytest.raises(k.WorkloadShapeError, match="not evicted"):
         k.clear_admission_apply(_admitted(), NOW)
+
+
+# -- the owner's part for one job ---------------------------------------------------------------
+
+TAINT = {"key": "pool", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}
+MINE = {"key": "team", "operator": "Exists"}
+
+
+def _queued(suspend: bool = True, replicas: int = 3, **status: Any) -> DDLJob:
+    manifest = make_ddljob(replicas=replicas, min_replicas=1, max_replicas=4, gpus=8)
+    manifest = set_path(manifest, "spec.suspend", suspend)
+    manifest = set_path(manifest, "spec.template.spec.nodeSelector", {"disk": "ssd"})
+    manifest = set_path(manifest, "spec.template.spec.tolerations", [MINE])
+    manifest["status"] = status
+    return _job(manifest, {k.LABEL_QUEUE_NAME: "team"})
+
+
+def _merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies the operator's patches."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge(out.get(key), value)
+    return out
+
+
+def _patched(job: DDLJob, patch: dict[str, Any] | None) -> DDLJob:
+    assert patch is not None
+    return DDLJob.model_validate(_merge(job.model_dump(by_alias=True, exclude_none=True), patch))
+
+
+def _step(job: DDLJob, obj: Any, pods: tuple[str, ...] = (), flavors: Any = ()) -> k.OwnerStep:
+    return k.owner_step(job, "team", obj, flavors, pods, k.Priority(100, "low"), NOW)
+
+
+def _h100() -> list[Any]:
+    return [_flavor("h100", {"pool": "h100"}, [TAINT])]
+
+
+def test_a_queued_job_without_a_workload_gets_one_and_is_held_suspended() -> None:
+    step = _step(_queued(suspend=False), None)
+    assert step.create is not None
+    assert step.create["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert step.create["spec"]["podSets"][0]["count"] == 3
+    assert step.create["spec"]["priority"] == 100
+    assert step.job_patch == {"spec": {"suspend": True}}
+    assert step.holds and step.condition[1] == "Pending"
+    # Created suspended (as it should be): nothing to patch.
+    assert _step(_queued(), None).job_patch is None
+
+
+def test_a_pending_workload_keeps_the_job_suspended_and_says_why() -> None:
+    obj = _admitted()
+    obj["status"] = {
+        "conditions": [
+            _cond("QuotaReserved", "False", "Pending", "insufficient quota for nvidia.com/gpu")
+        ]
+    }
+    obj["spec"]["podSets"][0]["count"] = 3
+    obj["spec"]["podSets"][0]["minCount"] = 1
+    step = _step(_queued(), obj)
+    assert step.job_patch is None and not step.writes and not step.delete_stale
+    assert step.condition == (
+        False,
+        "Pending",
+        "waiting for Kueue quota (Pending): insufficient quota for nvidia.com/gpu",
+    )
+    # A job that was scaled while it waited no longer matches its Workload: recreate it.
+    assert _step(_queued(replicas=4), obj).delete_stale
+
+
+def test_admission_runs_the_admitted_count_in_the_flavor_and_remembers_what_it_changed() -> None:
+    job = _queued()
+    step = _step(job, _admitted(count=2), flavors=_h100())
+    assert step.condition[0] and "2 of 3 workers on h100" in step.condition[2]
+    running = _patched(job, step.job_patch)
+    assert not running.spec.suspend and running.spec.replicas == 2
+    pod_spec = running.spec.template["spec"]
+    assert pod_spec["nodeSelector"] == {"disk": "ssd", "pool": "h100"}
+    assert pod_spec["tolerations"] == [MINE, TAINT]
+    record = k.injected(running)
+    assert record == k.Injected(3, {"disk": "ssd"}, (MINE,))
+    # The Workload stays what the user asked for, not the admitted size.
+    assert k.workload(k.as_written(running), "team")["spec"]["podSets"][0]["count"] == 3
+    # Applied: nothing more to change, and no PodsReady before the gang trains.
+    again = _step(running, _admitted(count=2), flavors=_h100())
+    assert again.job_patch is None and not again.writes
+
+
+def test_pods_ready_once_the_gang_trains_and_only_once() -> None:
+    job = _queued()
+    running = _patched(job, _step(job, _admitted(count=2), flavors=_h100()).job_patch)
+    rendezvous = {"epoch": 1, "workers": 2, "processesPerWorker": 8}
+    status = {"phase": "Running", "epoch": 1, "rendezvous": rendezvous}
+    training = running.model_copy(update={"status": DDLJobStatus.model_validate(status)})
+    [write] = _step(training, _admitted(count=2), flavors=_h100()).writes
+    assert write.field_manager == k.PODS_READY_MANAGER
+    assert write.body["status"]["conditions"][0]["type"] == "PodsReady"
+    obj = _admitted(count=2)
+    obj["status"]["conditions"].append(_cond("PodsReady", reason="PodsReady"))
+    assert not _step(training, obj, flavors=_h100()).writes
+
+
+def test_eviction_suspends_then_restores_and_clears_the_admission_once_no_pod_is_left() -> None:
+    job = _queued()
+    running = _patched(job, _step(job, _admitted(count=2), flavors=_h100()).job_patch)
+    evicted = _evicted()
+    first = _step(running, evicted, pods=("Running", "Running"))
+    assert first.condition[:2] == (False, "Evicted")
+    assert first.job_patch == {"spec": {"suspend": True}} and not first.writes
+    stopping = _patched(running, first.job_patch)
+    # Workers still stopping: wait for them.
+    waiting = _step(stopping, evicted, pods=("Running", "Succeeded"))
+    assert waiting.job_patch is None and not waiting.writes
+    done = _step(stopping, evicted, pods=("Succeeded",))
+    restored = _patched(stopping, done.job_patch)
+    assert restored.spec.suspend and restored.spec.replicas == 3
+    assert restored.spec.template["spec"]["nodeSelector"] == {"disk": "ssd"}
+    assert restored.spec.template["spec"]["tolerations"] == [MINE]
+    assert k.ANNOTATION_ADMISSION not in restored.metadata.annotations
+    [clear] = done.writes
+    assert (clear.field_manager, clear.force) == (k.ADMISSION_FIELD_MANAGER, True)
+    assert "admission" not in clear.body["status"]
+
+
+def test_a_readmission_on_another_flavor_starts_from_what_the_user_wrote() -> None:
+    job = _queued()
+    on_h100 = _patched(job, _step(job, _admitted(count=2), flavors=_h100()).job_patch)
+    a100 = [_flavor("a100", {"pool": "a100"})]
+    readmitted = _admitted(count=3, flavors={c.GPU_RESOURCE: "a100"}, spec_count=3)
+    moved = _step(on_h100, readmitted, flavors=a100)
+    now = _patched(on_h100, moved.job_patch)
+    assert now.spec.replicas == 3
+    assert now.spec.template["spec"]["nodeSelector"] == {"disk": "ssd", "pool": "a100"}
+    assert now.spec.template["spec"]["tolerations"] == [MINE]
+    assert k.injected(now) == k.Injected(3, {"disk": "ssd"}, (MINE,))
+
+
+def test_a_job_that_ended_marks_its_workload_finished_once() -> None:
+    done = _queued(phase="Succeeded", message="4 of 4 workers succeeded")
+    [write] = _step(done, _admitted()).writes
+    assert write.field_manager == k.FINISHED_MANAGER
+    [cond] = write.body["status"]["conditions"]
+    assert (cond["type"], cond["reason"]) == ("Finished", "Succeeded")
+    finished = _admitted()
+    finished["status"]["conditions"].append(_cond("Finished", reason="Succeeded"))
+    assert not _step(done, finished).writes
+
+
+def test_without_kueue_the_job_is_held_and_says_so() -> None:
+    step = k.hold(_queued(suspend=False), "KueueNotInstalled", "install Kueue")
+    assert step.job_patch == {"spec": {"suspend": True}} and step.holds
+    assert k.hold(_queued(), "KueueNotInstalled", "install Kueue").job_patch is None
+
+
+def test_the_condition_keeps_its_transition_time_and_a_held_job_says_why() -> None:
+    status = _queued(phase="Suspended").status
+    first = k.with_condition(status, (False, "Pending", "waiting for quota"), NOW)
+    [cond] = [x for x in first.conditions if x.type == k.JOB_CONDITION]
+    assert (cond.status, cond.reason) == ("False", "Pending")
+    assert first.message == "Kueue: waiting for quota"
+    later = NOW + dt.timedelta(minutes=5)
+    same = k.with_condition(first, (False, "Pending", "still waiting"), later)
+    kept = next(x for x in same.conditions if x.type == k.JOB_CONDITION)
+    assert kept.last_transition_time == cond.last_transition_time
+    assert not k.condition_news(first, (False, "Pending", "still waiting"))
+    assert k.condition_news(first, (True, "Admitted", "admitted"))
+    admitted = k.with_condition(first, (True, "Admitted", "admitted"), later)
+    assert next(x for x in admitted.conditions if x.type == k.JOB_CONDITION).status == "True"
+
+
+def test_a_tampered_admission_record_is_refused_naming_it() -> None:
+    manifest = make_ddljob(gpus=8)
+    manifest["metadata"] = {
+        "name": "train",
+        "namespace": "ml",
+        "annotations": {k.ANNOTATION_ADMISSION: "{not json"},
+    }
+    with pytest.raises(k.WorkloadShapeError, match="kueue-admission"):
+        k.injected(DDLJob.model_validate(manifest))
