@@ -48,7 +48,20 @@ from dataclasses import dataclass, field, replace
 from typing import Final
 
 from ddl_operator.api.constants import LABEL_HOSTNAME
-from ddl_operator.api.models import Member, Rendezvous
+from ddl_operator.api.models import (
+    MAX_COOLING_NODES,
+    MAX_GOODPUT_MESSAGE,
+    MAX_SIZE_SAMPLES,
+    MAX_SIZES_TRIED,
+    CoolingNode,
+    Elastic,
+    Member,
+    Rendezvous,
+    Sizing,
+    Stragglers,
+    StragglerWatch,
+    TriedSize,
+)
 from ddl_operator.core.reports import WorkerReport
 from ddl_operator.core.topology import NodeInfo, domain_path, level_name
 
@@ -506,3 +519,167 @@ def _grow(state: SizingState, max_workers: int) -> SizingState:
         hold_until=None,
         message=f"{state.message}; trying {state.workers + 1}" if state.message else "",
     )
+
+
+# -- the state in status ------------------------------------------------------------------------
+# Status is writable by anyone with status RBAC: the schema bounds it, and what it says is
+# clamped here so that a forged entry can at worst delay a decision by one cool-down.
+
+
+def _timestamp(text: str | None) -> dt.datetime | None:
+    """A time of our own status; None when absent or unreadable."""
+    if not text:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _stamp(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _not_after(t: dt.datetime | None, latest: dt.datetime) -> dt.datetime | None:
+    return None if t is None else min(t, latest)
+
+
+def straggler_policy(spec: Stragglers) -> StragglerPolicy:
+    return StragglerPolicy(
+        threshold=spec.threshold,
+        for_steps=spec.for_steps,
+        cool_down=dt.timedelta(seconds=spec.cool_down_seconds),
+    )
+
+
+def straggler_state(
+    watch: StragglerWatch | None, policy: StragglerPolicy, epoch: int, now: dt.datetime
+) -> StragglerState:
+    """The watch's state from status: no time past now (+ a cool-down for the list), and no
+    epoch past the job's, so a forged value cannot bar replacements for good."""
+    if watch is None:
+        return StragglerState()
+    avoid: dict[str, dt.datetime] = {}
+    for entry in watch.cooling:
+        until = _not_after(_timestamp(entry.until), now + policy.cool_down)
+        if until is not None:
+            avoid[entry.node] = max(until, avoid.get(entry.node, until))
+    return StragglerState(
+        epoch=min(watch.epoch, epoch),
+        suspect=watch.suspect,
+        since_step=watch.since_step,
+        last_step=watch.last_step,
+        observations=watch.observations,
+        replacements=watch.replacements,
+        last_replacement=_not_after(_timestamp(watch.last_replacement), now),
+        replaced_epoch=min(watch.replaced_epoch, epoch),
+        avoid=avoid,
+    )
+
+
+def straggler_watch(state: StragglerState, placing_on: str | None) -> StragglerWatch:
+    """The state as status; the cool-down list keeps the entries that expire last."""
+    cooling = sorted(state.avoid.items(), key=lambda item: (item[1], item[0]), reverse=True)
+    return StragglerWatch(
+        epoch=state.epoch,
+        suspect=state.suspect,
+        since_step=state.since_step,
+        last_step=state.last_step,
+        observations=state.observations,
+        replacements=state.replacements,
+        last_replacement=_stamp(state.last_replacement) if state.last_replacement else None,
+        replaced_epoch=state.replaced_epoch,
+        cooling=[
+            CoolingNode(node=node, until=_stamp(until))
+            for node, until in sorted(cooling[:MAX_COOLING_NODES])
+        ],
+        placing_on=placing_on,
+    )
+
+
+def sizing_policy(elastic: Elastic) -> SizingPolicy:
+    return SizingPolicy(
+        gain=elastic.scaling_gain,
+        settle=dt.timedelta(seconds=elastic.scaling_settle_seconds),
+        cool_down=dt.timedelta(seconds=elastic.scaling_cool_down_seconds),
+    )
+
+
+def sizing_state(
+    sizing: Sizing | None, policy: SizingPolicy, start: int, now: dt.datetime
+) -> SizingState:
+    """The sizing state from status (a new one at `start` workers when there is none)."""
+    if sizing is None:
+        return SizingState(target=start)
+    tried = [
+        SizeRecord(r.workers, r.samples_per_second, at, r.kept)
+        for r in sizing.tried
+        if (at := _not_after(_timestamp(r.at), now)) is not None
+    ]
+    return SizingState(
+        target=sizing.target,
+        epoch=sizing.epoch,
+        workers=sizing.workers,
+        formed_at=_not_after(_timestamp(sizing.formed_at), now),
+        last_step=sizing.last_step,
+        samples=tuple(sizing.samples),
+        measured=sizing.measured,
+        tried=_record_all(tried),
+        grew_from=sizing.grew_from,
+        hold_until=_not_after(_timestamp(sizing.hold_until), now + policy.cool_down),
+        message=sizing.message,
+    )
+
+
+def _record_all(records: Sequence[SizeRecord]) -> tuple[SizeRecord, ...]:
+    out: tuple[SizeRecord, ...] = ()
+    for record in records:
+        out = _record(out, record)
+    return out
+
+
+def sizing_status(state: SizingState, max_workers: int) -> Sizing:
+    """The state as status: the best size and the latest measurements, within bounds."""
+    tried = list(state.tried)
+    if len(tried) > MAX_SIZES_TRIED:
+        best = best_size(tried, max_workers)
+        kept = [r for r in tried if r.workers == best]
+        newest = sorted((r for r in tried if r.workers != best), key=lambda r: r.at, reverse=True)
+        tried = sorted(kept + newest[: MAX_SIZES_TRIED - len(kept)], key=lambda r: r.workers)
+    message = state.message
+    if len(message) > MAX_GOODPUT_MESSAGE:
+        message = message[: MAX_GOODPUT_MESSAGE - 1] + "…"
+    return Sizing(
+        target=state.target,
+        epoch=state.epoch,
+        workers=state.workers,
+        formed_at=_stamp(state.formed_at) if state.formed_at else None,
+        last_step=state.last_step,
+        samples=list(state.samples[-MAX_SIZE_SAMPLES:]),
+        measured=state.measured,
+        tried=[
+            TriedSize(
+                workers=r.workers, samples_per_second=r.throughput, at=_stamp(r.at), kept=r.kept
+            )
+            for r in tried
+        ],
+        grew_from=state.grew_from,
+        hold_until=_stamp(state.hold_until) if state.hold_until else None,
+        message=message,
+    )
+
+
+def avoided(
+    nodes: Sequence[NodeInfo], watch: StragglerWatch | None, now: dt.datetime
+) -> list[NodeInfo]:
+    """The snapshot as this job's placement sees it, from the watch it wrote to status."""
+    if watch is None or not watch.cooling:
+        return list(nodes)
+    avoid = {c.node: t for c in watch.cooling if (t := _timestamp(c.until)) is not None}
+    return avoiding(nodes, StragglerState(avoid=avoid), now)
+
+
+def pinned(nodes: Sequence[NodeInfo], node: str) -> list[NodeInfo]:
+    """The snapshot in which only `node` takes new workers (kept workers stay put)."""
+    return [n if n.name == node else replace(n, schedulable=False) for n in nodes]

@@ -14,10 +14,13 @@ STRAGGLER_MIN_SECONDS: Final = 1e-6
 
 
 def find_straggler(
-    rendezvous: Rendezvous | None, reports: Mapping[str, WorkerReport]
+    rendezvous: Rendezvous | None,
+    reports: Mapping[str, WorkerReport],
+    threshold: float = STRAGGLER_RATIO,
 ) -> str | None:
     """A sentence naming the slowest worker if its compute time per step (step time minus
-    sync-wait) exceeds the median of the others by over 20%; None otherwise.
+    sync-wait) exceeds `threshold` x the median of the others (spec.stragglers.threshold,
+    by default 20% more); None otherwise.
 
     In synchronous training every rank's step takes as long as the slowest, so the step time
     cannot tell; the straggler is the one that waits least for communication.
@@ -36,7 +39,7 @@ def find_straggler(
     slowest, member = compute[-1]
     others = [seconds for seconds, _ in compute[:-1]]
     median = others[len(others) // 2]
-    if median < STRAGGLER_MIN_SECONDS or slowest <= STRAGGLER_RATIO * median:
+    if median < STRAGGLER_MIN_SECONDS or slowest <= threshold * median:
         return None
     return (
         f"rank {member.rank} ({member.pod} on {member.node}) computes "

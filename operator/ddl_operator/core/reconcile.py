@@ -21,6 +21,13 @@ Preemption (core/preemption.py) reaches a victim as a record in its annotation: 
 holds, the job keeps `held_replicas` workers, removing the pods it names at a new epoch, or
 is suspended as by spec.suspend when it keeps none. The record is cleared (by the plan) once
 the queue slot lets the job grow back, and the job grows to spec.replicas again.
+
+Goodput (core/goodput.py) decides from the reports, with its state kept in status: under
+spec.stragglers.action Replace a confirmed straggler's pod is deleted and a replacement
+placed on the node the decision chose, at the re-form this causes (every worker checkpoints
+at its step boundary when an epoch ends, so no periodic checkpoint needs to be waited for);
+under elastic.scaling Throughput the size `_scale` keeps comes from the throughput measured
+at each size. Nodes of replaced stragglers take none of this job's new workers for a while.
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ from ddl_operator.api.models import (
     Phase,
     Rendezvous,
 )
+from ddl_operator.core import goodput
 from ddl_operator.core.domains import Split, find_split
+from ddl_operator.core.goodput import Keep, Replace
 from ddl_operator.core.placement import GangRequest, Unplaceable, place
 from ddl_operator.core.preemption import (
     PODS_NAMED,
@@ -69,6 +78,8 @@ INVALID_SPEC: Final = "InvalidSpec"  # the spec breaks a rule the CRD should hav
 SUSPENDED: Final = "Suspended"  # spec.suspend holds the job (reason: Stopping, Suspended, Resumed)
 QUEUED: Final = "Queued"  # the job waits in the GPU queue (position and what for)
 # PREEMPTED (core/preemption.py): reason Shrunk or Suspended, Restored, or InvalidRecord.
+STRAGGLER_REPLACED: Final = "StragglerReplaced"  # the last replacement, or why a straggler stays
+SIZING: Final = "Sizing"  # throughput sizing: the last measurement and what it tries next
 REJECTIONS_LISTED: Final = 10  # pods named in the ReportRejected condition
 BIND_DEADLINE_SECONDS: Final = 60  # a placed pod unbound for longer is re-placed
 # How long suspending waits for the workers to say they stopped at the stop epoch before it
@@ -353,12 +364,13 @@ def reconcile(
     losses = _losses(seen, plan)
     if _over_restart_limit(seen, plan, losses):
         return plan
-    gang = _scale(seen, plan)
+    decided = _goodput(seen, plan, losses)
+    gang = _scale(seen, plan, decided.target, decided.replacing)
     unschedulable = _place(seen, plan, gang)
     membership = _rendezvous(seen, plan, gang, losses)
     if _out_of_patience(seen, plan, membership):
         return plan
-    _conditions(seen, plan, gang, membership, unschedulable)
+    _conditions(seen, plan, gang, membership, unschedulable, decided)
     return plan
 
 
@@ -663,16 +675,133 @@ def _over_restart_limit(seen: Observed, plan: Plan, losses: Losses) -> bool:
     return True
 
 
-def _scale(seen: Observed, plan: Plan) -> Gang:
-    """Keep spec.replicas workers alive, or the fewer a preemption record holds: drop the
-    surplus (the record's pods first), create what is missing."""
-    target = seen.hold.replicas
+@dataclass(frozen=True)
+class Decisions:
+    """What the goodput policies ask of this pass: the size to keep, the straggler to
+    replace (if any), and their conditions."""
+
+    target: int
+    replacing: Replace | None = None
+    conditions: Sequence[ConditionState] = ()
+
+
+def _goodput(seen: Observed, plan: Plan, losses: Losses) -> Decisions:
+    """Straggler replacement and throughput sizing (core/goodput.py); neither acts on a
+    pass that loses workers, whose re-form starts every measurement over anyway."""
+    replacing, replaced = _stragglers(seen, plan, losses)
+    target, sized = _sizing(seen, plan)
+    conditions = tuple(x for x in (replaced, sized) if x is not None)
+    return Decisions(target=target, replacing=replacing, conditions=conditions)
+
+
+def _previous(old: DDLJobStatus, type_: str) -> ConditionState | None:
+    was = next((x for x in old.conditions if x.type == type_), None)
+    return None if was is None else (type_, was.status == "True", was.reason, was.message)
+
+
+def _stragglers(
+    seen: Observed, plan: Plan, losses: Losses
+) -> tuple[Replace | None, ConditionState | None]:
+    """spec.stragglers.action Replace: fold the reports into the watch; a confirmed
+    straggler is replaced this pass (the plan re-forms without it), or its condition says
+    why it stays. The watch lives in status.stragglers."""
+    spec, old, now = seen.spec, seen.old, seen.now
+    if spec.stragglers.action != "Replace":
+        plan.update_status(stragglers=None)
+        return None, None
+    policy = goodput.straggler_policy(spec.stragglers)
+    state = goodput.straggler_state(old.stragglers, policy, old.epoch, now)
+    placing_on = old.stragglers.placing_on if old.stragglers is not None else None
+    verdict = goodput.watch_stragglers(
+        state,
+        policy,
+        old.rendezvous,
+        seen.reports,
+        _capacity(seen),
+        spec.topology.levels,
+        spec.topology.required,
+        spec.gpus_per_worker,
+        now,
+    )
+    state, action = verdict.state, verdict.action
+    condition = _previous(old, STRAGGLER_REPLACED)
+    replacing = None
+    if isinstance(action, Replace) and not losses:
+        state = goodput.replaced(state, policy, action, now)
+        replacing, placing_on = action, action.to
+        condition = (STRAGGLER_REPLACED, True, "Replaced", action.message)
+        plan.events.append(
+            Event("Normal", STRAGGLER_REPLACED, f"epoch {old.epoch}: {action.message}")
+        )
+    elif isinstance(action, Keep):
+        condition = (STRAGGLER_REPLACED, False, "Kept", action.message)
+    plan.update_status(stragglers=goodput.straggler_watch(state, placing_on))
+    return replacing, condition
+
+
+def _sizing(seen: Observed, plan: Plan) -> tuple[int, ConditionState | None]:
+    """The workers to keep: under elastic.scaling Throughput the size the throughput
+    measured so far says (status.sizing), else spec.replicas. A preemption record's hold
+    wins and pauses the measuring."""
+    elastic, held = seen.spec.elastic, seen.hold.replicas
+    if elastic is None or elastic.scaling != "Throughput":
+        plan.update_status(sizing=None)
+        return held, None
+    if seen.hold.record is not None:
+        return held, _previous(seen.old, SIZING)
+    policy = goodput.sizing_policy(elastic)
+    old, low = seen.old, seen.spec.min_replicas
+    state = goodput.sizing_state(old.sizing, policy, len(seen.members) or low, seen.now)
+    rank0 = rank0_summary(old.rendezvous, seen.reports)
+    observed = goodput.Observed(
+        epoch=old.epoch,
+        workers=old.rendezvous.workers if old.rendezvous is not None else 0,
+        throughput=rank0.get("throughput"),
+        step=rank0.get("step"),
+    )
+    sized = goodput.size_by_throughput(state, policy, observed, low, held, seen.now)
+    if sized.target != state.target:
+        why = f": {sized.message}" if sized.message else ""
+        plan.events.append(
+            Event("Normal", "Resizing", f"{state.target} -> {sized.target} workers{why}")
+        )
+    plan.update_status(sizing=goodput.sizing_status(sized, held))
+    return min(sized.target, held), (
+        SIZING,
+        True,
+        _sizing_reason(sized, seen.now),
+        _sizing_message(sized),
+    )
+
+
+def _sizing_reason(state: goodput.SizingState, now: dt.datetime) -> str:
+    if state.target > state.workers:
+        return "Growing"
+    if state.target < state.workers:
+        return "ShrinkingBack"
+    if state.hold_until is not None and now < state.hold_until:
+        return "CoolingDown"
+    return "Sized" if state.measured else "Measuring"
+
+
+def _sizing_message(state: goodput.SizingState) -> str:
+    return state.message or f"measuring {state.workers} workers once they settle"
+
+
+def _scale(seen: Observed, plan: Plan, target: int, replacing: Replace | None = None) -> Gang:
+    """Keep `target` workers alive (spec.replicas, fewer while a preemption record holds or
+    throughput sizing says so): drop the straggler being replaced and the surplus (the
+    record's pods first), create what is missing."""
     alive = [p for p in seen.pods if p.name not in seen.lost and p.phase != "Succeeded"]
     removed: list[str] = []
+    if replacing is not None and any(p.name == replacing.pod for p in alive):
+        plan.delete.append(replacing.pod)
+        removed.append(replacing.pod)
+        alive = [p for p in alive if p.name != replacing.pod]
     if len(alive) > target:
         surplus = _surplus(alive, seen.members, len(alive) - target, seen.hold.leaving)
         plan.delete.extend(p.name for p in surplus)
-        removed = [p.name for p in surplus if p.name in seen.members]
+        removed += [p.name for p in surplus if p.name in seen.members]
         alive = [p for p in alive if p not in surplus]
     if len(alive) < target:
         _create(seen, plan, target - len(alive))
@@ -733,7 +862,9 @@ def pending_request(
     if job.status.phase in TERMINAL or job.spec.suspend or _spec_problem(job) is not None:
         return None
     seen = observe(job, pods, nodes, now)
-    gang = _scale(seen, Plan(status=job.status))
+    draft = Plan(status=job.status)
+    target, _ = _sizing(seen, draft)
+    gang = _scale(seen, draft, target)
     if seen.hold.record is None:
         return _gang_request(seen, gang)
     return _growth_request(seen, gang)
@@ -749,15 +880,27 @@ def _growth_request(seen: Observed, gang: Gang) -> GangRequest:
     return _request(seen.job, low, replicas, keep)
 
 
+def _capacity(seen: Observed) -> Sequence[NodeInfo]:
+    """The nodes new workers may use: what the queue slot allows, when there is one."""
+    return seen.queue.nodes if seen.queue is not None else seen.nodes
+
+
 def _place(seen: Observed, plan: Plan, gang: Gang) -> Unplaceable | None:
     """Place gated workers: the whole rest of the gang, or as many as fit; else say why."""
     request = _gang_request(seen, gang)
     if request is None:
         return None
-    capacity = seen.queue.nodes if seen.queue is not None else seen.nodes
-    result = place(capacity, request)
+    watch = plan.status.stragglers
+    capacity = goodput.avoided(_capacity(seen), watch, seen.now)
+    pin = watch.placing_on if watch is not None else None
+    # A straggler's replacement goes to the node its decision named, if that still fits.
+    result = place(goodput.pinned(capacity, pin), request) if pin else None
+    if result is None or isinstance(result, Unplaceable):
+        result = place(capacity, request)
     if isinstance(result, Unplaceable):
         return result
+    if watch is not None and pin is not None:
+        plan.update_status(stragglers=watch.model_copy(update={"placing_on": None}))
     new = [w for w in result.workers if w.pod is None]
     for pod, worker in zip(sorted(gang.unplaced, key=lambda p: p.slot), new, strict=False):
         plan.place.append((pod.name, placement_patch(worker.node, pod.gates, seen.stamp)))
@@ -860,15 +1003,17 @@ def _conditions(
     gang: Gang,
     membership: Membership,
     unschedulable: Unplaceable | None,
+    decided: Decisions,
 ) -> None:
     """Phase, conditions and the rank-0 summary; events for conditions that just turned."""
-    old, target, split = seen.old, seen.hold.replicas, gang.split
+    old, target, split = seen.old, decided.target, gang.split
     phase = _phase(plan, gang, membership)
     members = membership.members
     ready = sum(1 for m in members if m in membership.running)
     placed_count = len(gang.placed) + len(plan.place)
     placed_all = placed_count >= target
-    straggler = find_straggler(membership.rendezvous, seen.reports)
+    threshold = seen.spec.stragglers.threshold
+    straggler = find_straggler(membership.rendezvous, seen.reports, threshold)
     was = {x.type: x for x in old.conditions}
     rejections, rejection_events = _rejections(seen.rejected, was.get(REPORT_REJECTED))
     states: list[ConditionState] = [
@@ -884,6 +1029,7 @@ def _conditions(
         (DOMAIN_SPLIT, split is not None, "WorkersSpanDomains" if split else "WithinDomain",
          split.describe() if split else ""),
         rejections,
+        *decided.conditions,
     ]  # fmt: skip
     queue = seen.queue
     waits_for = queue.waits_for if queue is not None and unschedulable is not None else ""
