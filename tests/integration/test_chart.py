@@ -300,6 +300,7 @@ def test_custom_render(tmp_path: Path) -> None:
         "pods": ["list", "watch"],
         "priorityclasses": ["get", "list", "watch"],
         "customresourcedefinitions": ["get", "list", "watch"],
+        "resourceflavors": ["get", "list", "watch"],
     }
     # The workers' policy: the chart's worker account, in the namespaces it gives one to.
     (policy,) = by_kind(docs, "ValidatingAdmissionPolicy")
@@ -406,6 +407,13 @@ def test_rbac_is_enough_and_no_more(
             ("create", "events.events.k8s.io", job_ns),
             ("create", "serviceaccounts", job_ns),
             ("create", "rolebindings", job_ns),
+            # Kueue: a queued job's Workload, its status, the flavors, and the job's spec.
+            ("create", "workloads.kueue.x-k8s.io", job_ns),
+            ("watch", "workloads.kueue.x-k8s.io", job_ns),
+            ("delete", "workloads.kueue.x-k8s.io", job_ns),
+            ("patch", "workloads.kueue.x-k8s.io --subresource=status", job_ns),
+            ("get", "resourceflavors.kueue.x-k8s.io", None),
+            ("patch", "ddljobs.ddl-operator.dev", job_ns),
             ("watch", "nodes", None),
             ("list", "customresourcedefinitions", None),
             ("list", "priorityclasses.scheduling.k8s.io", None),
@@ -436,6 +444,10 @@ def test_rbac_is_enough_and_no_more(
             ("create", "leases.coordination.k8s.io", job_ns),
             ("list", "namespaces", None),
             ("create", "clusterrolebindings", None),
+            ("create", "workloads.kueue.x-k8s.io", other_ns),
+            ("list", "workloads.kueue.x-k8s.io", None),
+            ("create", "resourceflavors.kueue.x-k8s.io", None),
+            ("create", "clusterqueues.kueue.x-k8s.io", None),
         ]
         for verb, resource, ns in allowed:
             assert can(operator, verb, resource, ns), f"operator cannot {verb} {resource}"
