@@ -296,14 +296,19 @@ def _kueue(
                 'externalFrameworks: ["DDLJob.v1alpha1.ddl-operator.dev"]) or remove the label',
             )
         else:
-            step = _owner_step(rt.kueue, snap, queue, priorities, now)
+            step = _owner_step(rt, rt.kueue, snap, queue, priorities, now)
     if step.job_patch is not None:
         rt.kube.patch_job(snap.body, step.job_patch)
     return step
 
 
 def _owner_step(
-    api: KueueApi, snap: Snapshot, queue: str, priorities: PriorityClasses, now: dt.datetime
+    rt: Runtime,
+    api: KueueApi,
+    snap: Snapshot,
+    queue: str,
+    priorities: PriorityClasses,
+    now: dt.datetime,
 ) -> kueue.OwnerStep:
     job = snap.job
     namespace, uid = job.metadata.namespace, job.metadata.uid
@@ -315,9 +320,10 @@ def _owner_step(
         status = kueue.workload_status(obj)
         if status.may_run and status.admission is not None:
             flavors = api.flavors(status.admission.flavor_names)
-    priority = kueue.owner_priority(
-        priority_class_name(job.spec.template), priorities.values, priorities.global_default
-    )
+    class_name = priority_class_name(job.spec.template)
+    if obj is None and class_name is not None and class_name not in priorities.values:
+        priorities = rt.kube.priority_classes(refresh=True)
+    priority = kueue.owner_priority(class_name, priorities.values, priorities.global_default)
     phases = [p.phase for p in snap.pods]
     step = kueue.owner_step(job, queue, obj, flavors, phases, priority, now)
     if step.create is not None:

@@ -142,14 +142,15 @@ class Kube:
             ]
         ]
 
-    def priority_classes(self) -> PriorityClasses:
+    def priority_classes(self, refresh: bool = False) -> PriorityClasses:
         """The cluster's PriorityClasses, read at most every PRIORITY_TTL_SECONDS (a handful
         of objects that rarely change; a pass never waits on more than one read). Without the
         RBAC to read them every job ranks 0 (logged once): the queue is then first come,
-        first served."""
+        first served. `refresh` reads them now (a Workload's priority is fixed when it is
+        created, so a class made just before its job must not be missed)."""
         with self._priority_lock:
             fresh = time.monotonic() - self._priority_read < PRIORITY_TTL_SECONDS
-            if self._priorities is not None and fresh:
+            if self._priorities is not None and fresh and not refresh:
                 return self._priorities
             try:
                 items = client.SchedulingV1Api(self.api).list_priority_class(_preload_content=False)
