@@ -37,12 +37,17 @@ class FakeKube:
         )
         self.refusal = refusal
         self.applied: list[Plan] = []
+        self.patches: list[dict[str, Any]] = []
 
     def snapshot(self, namespace: str, name: str) -> Snapshot:
         return self.snap
 
     def priority_classes(self) -> PriorityClasses:
         return PriorityClasses()
+
+    def patch_job(self, body: Any, patch: dict[str, Any]) -> dict[str, Any]:
+        self.patches.append(patch)
+        return dict(body)
 
     def apply(self, snap: Snapshot, plan: Plan, identity: Any = None) -> None:
         if plan.create and self.refusal is not None:
@@ -143,3 +148,41 @@ def test_a_refusal_that_is_not_the_specs_fault_still_raises(
     with pytest.raises(client.ApiException):
         controller.reconcile_job(runtime, ("ml", "job"))
     assert kube.applied == []
+
+
+def _queued(suspend: bool) -> dict[str, Any]:
+    return set_path(make_ddljob(gpus=8), "spec.suspend", suspend)
+
+
+@pytest.mark.parametrize("kube", [(_queued(False),)], indirect=True)
+def test_a_queued_job_without_kueue_is_suspended_before_anything_runs(
+    kube: FakeKube, runtime: Runtime
+) -> None:
+    kube.snap = _labelled(kube.snap)
+    outcome = controller.reconcile_job(runtime, ("ml", "job"))
+    # Suspended first; the pass ends on the stale read (the patch's event brings the next).
+    assert kube.patches == [{"spec": {"suspend": True}}]
+    assert not kube.applied and outcome.requeue_after is not None
+
+
+@pytest.mark.parametrize("kube", [(_queued(True),)], indirect=True)
+def test_a_queued_job_without_kueue_holds_nothing_and_says_so(
+    kube: FakeKube, runtime: Runtime
+) -> None:
+    kube.snap = _labelled(kube.snap)
+    outcome = controller.reconcile_job(runtime, ("ml", "job"))
+    assert not kube.patches
+    (plan,) = kube.applied
+    assert not plan.create and not plan.place
+    (cond,) = [x for x in plan.status.conditions if x.type == "KueueAdmitted"]
+    assert (cond.status, cond.reason) == ("False", "KueueNotInstalled")
+    assert "install Kueue" in cond.message and plan.status.phase == "Suspended"
+    assert [e.reason for e in plan.events if e.type == "Warning"] == ["KueueAdmitted"]
+    # Looked at again now and then: installing Kueue lets it run.
+    assert outcome.requeue_after == controller.KUEUE_RECHECK_SECONDS
+
+
+def _labelled(snap: Snapshot) -> Snapshot:
+    body = {**snap.body, "metadata": {**snap.body["metadata"], "labels": {
+        "kueue.x-k8s.io/queue-name": "team"}}}  # fmt: skip
+    return Snapshot(DDLJob.model_validate(body), body, snap.pods, snap.nodes)
