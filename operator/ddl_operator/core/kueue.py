@@ -745,7 +745,9 @@ def as_written(job: DDLJob) -> DDLJob:
 
 @dataclass(frozen=True)
 class StatusWrite:
-    """A server-side apply of a Workload's status subresource."""
+    """A server-side apply of a Workload's status subresource. Forced, as Kueue's own
+    integrations write (ForceOwnership): a condition Kueue's admission manager wrote before
+    (it carries Finished and the rest in every admission write) is taken over, not refused."""
 
     body: dict[str, Any]
     field_manager: str
@@ -808,7 +810,7 @@ def owner_step(
         if not status.finished:
             succeeded = job.status.phase == "Succeeded"
             body = finished_apply(obj, succeeded, job.status.message or job.status.phase, now)
-            step.writes.append(StatusWrite(body, FINISHED_MANAGER))
+            step.writes.append(StatusWrite(body, FINISHED_MANAGER, force=True))
         return step
     if status.may_run:
         return _admitted_step(job, obj, status, flavors, now)
@@ -897,7 +899,7 @@ def _admitted_step(
             f"{rendezvous.workers if rendezvous else 0} workers train at epoch {job.status.epoch}"
         )
         step.writes.append(
-            StatusWrite(pods_ready_apply(obj, True, message, now), PODS_READY_MANAGER)
+            StatusWrite(pods_ready_apply(obj, True, message, now), PODS_READY_MANAGER, True)
         )
     return step
 
