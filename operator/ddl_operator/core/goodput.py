@@ -557,7 +557,8 @@ def straggler_state(
     watch: StragglerWatch | None, policy: StragglerPolicy, epoch: int, now: dt.datetime
 ) -> StragglerState:
     """The watch's state from status: no time past now (+ a cool-down for the list), and no
-    epoch past the job's, so a forged value cannot bar replacements for good."""
+    epoch past the job's, so a forged value cannot bar replacements for good. A replacement
+    always re-forms the gang, so the replaced epoch is an earlier one."""
     if watch is None:
         return StragglerState()
     avoid: dict[str, dt.datetime] = {}
@@ -573,7 +574,7 @@ def straggler_state(
         observations=watch.observations,
         replacements=watch.replacements,
         last_replacement=_not_after(_timestamp(watch.last_replacement), now),
-        replaced_epoch=min(watch.replaced_epoch, epoch),
+        replaced_epoch=min(watch.replaced_epoch, epoch - 1),
         avoid=avoid,
     )
 
