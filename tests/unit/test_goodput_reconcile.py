@@ -12,7 +12,7 @@ from typing import Any, Final
 import pytest
 
 from ddl_operator.api import constants as c
-from ddl_operator.api.models import Rendezvous
+from ddl_operator.api.models import DDLJobStatus, Rendezvous
 from ddl_operator.core.reconcile import SIZING, STRAGGLER_REPLACED, Plan
 
 from builders import Cluster, cond, make_ddljob, rack_nodes
@@ -60,6 +60,12 @@ def node_of(cl: Cluster, pod: str) -> str:
     node = cl.pods[pod].placed_on
     assert node is not None
     return node
+
+
+def assert_round_trips(status: DDLJobStatus) -> None:
+    """The status is strict JSON and reads back as written (what the API server stores)."""
+    text = json.dumps(status.model_dump(by_alias=True, mode="json"), allow_nan=False)
+    assert DDLJobStatus.model_validate_json(text) == status
 
 
 def assert_contiguous(rdzv: Rendezvous | None) -> None:
@@ -123,6 +129,7 @@ def test_a_straggler_is_replaced_by_a_node_of_its_rack_and_its_node_cools_down()
     assert_contiguous(cl.job.status.rendezvous)
     watch = cl.job.status.stragglers
     assert watch is not None and watch.placing_on is None
+    assert_round_trips(cl.job.status)
 
 
 def test_the_cooling_node_takes_none_of_the_jobs_new_workers_until_it_expires() -> None:
@@ -283,6 +290,7 @@ def test_throughput_sizing_grows_one_at_a_time_while_it_pays() -> None:
         (2, 100.0, True), (3, 150.0, True), (4, 195.0, True)
     ]  # fmt: skip
     assert cond(cl, SIZING)[0] == "True" and not cl.step().create
+    assert_round_trips(cl.job.status)
 
 
 def test_a_growth_that_does_not_pay_is_undone_and_cools_down() -> None:

@@ -36,6 +36,12 @@ Throughput-driven sizing
   * The best size is the fastest kept one: a rejected growth is not kept even if it was a
     little faster (its workers bought less than their share). `tried` keeps the latest
     measurement at each size, kept or not, for status.
+
+State in status
+  * Both states live in the job's status between passes (status.stragglers, status.sizing),
+    bounded by the schema. Anyone with status RBAC can write them, so they are read back
+    with clamps: no time later than now (a cool-down for the list), no epoch later than the
+    job's, so a forged value delays a decision by one cool-down at most.
 """
 
 from __future__ import annotations
