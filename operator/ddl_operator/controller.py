@@ -296,7 +296,7 @@ def _kueue(
                 'externalFrameworks: ["DDLJob.v1alpha1.ddl-operator.dev"]) or remove the label',
             )
         else:
-            step = _owner_step(rt, rt.kueue, snap, queue, priorities, now)
+            return _owner_step(rt, rt.kueue, snap, queue, priorities, now)
     if step.job_patch is not None:
         rt.kube.patch_job(snap.body, step.job_patch)
     return step
@@ -326,6 +326,10 @@ def _owner_step(
     priority = kueue.owner_priority(class_name, priorities.values, priorities.global_default)
     phases = [p.phase for p in snap.pods]
     step = kueue.owner_step(job, queue, obj, flavors, phases, priority, now)
+    # The job first: it is suspended before its Workload can be admitted, and restored
+    # before its admission is cleared (a failed write is redone by the next pass).
+    if step.job_patch is not None:
+        rt.kube.patch_job(snap.body, step.job_patch)
     if step.create is not None:
         api.create_workload(step.create)
     if step.delete_stale and obj is not None:
