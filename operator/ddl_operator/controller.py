@@ -170,11 +170,15 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
     snap = kube.snapshot(namespace, name)
     if snap is None:
         _forget_metrics(rt, namespace, name)
+        with rt.claim_lock:
+            rt.forget_claims(key)  # a deleted job neither waits ahead of others nor holds GPUs
         return Outcome(gone=True)
     now = dt.datetime.now(dt.UTC)
     errors = spec_errors(snap.job)
     if errors:
         # Nothing can be rendered: say which field, and wait for the job to change.
+        with rt.claim_lock:
+            rt.forget_claims(key)
         _refuse(rt, snap, snap.job.status, errors, now, UNUSABLE_TEMPLATE, [])
         return Outcome()
     # Reservations of ours that an earlier pass made but could not write: these pods are
@@ -437,7 +441,12 @@ def _mark_victim(
     """Writes the victim's record; its own pass carries the eviction out and says so."""
     body = {"metadata": {"namespace": victim[0], "name": victim[1]}}
     value = encode_record(record_for(eviction, preemptor, now))
-    rt.kube.patch_annotations(body, {PREEMPTED_BY: value})
+    try:
+        rt.kube.patch_annotations(body, {PREEMPTED_BY: value})
+    except client.ApiException as err:
+        if err.status != 404:
+            raise
+        log.info("%s/%s: preemption victim %s/%s is gone", *preemptor, *victim)
 
 
 def _created(body: Mapping[str, Any], now: dt.datetime) -> dt.datetime:
@@ -636,9 +645,15 @@ async def _resync(rt: Runtime) -> None:
     while True:
         await asyncio.to_thread(_count_phases, rt)
         await asyncio.sleep(RESYNC_SECONDS)
+        await asyncio.to_thread(_sweep, rt, frozenset(rt.known_jobs))
         for key in list(rt.known_jobs):
             if not rt.queue.backing_off(key):
                 rt.queue.add(key)
+
+
+def _sweep(rt: Runtime, known: frozenset[JobKey]) -> None:
+    with rt.claim_lock:
+        rt.sweep_claims(known)
 
 
 def _count_phases(rt: Runtime) -> None:
@@ -659,9 +674,13 @@ def _build(settings: Settings, loop: asyncio.AbstractEventLoop) -> Runtime:
     """The runtime with its cache started: cache events (on the watch threads) enqueue the
     jobs they may concern, on the loop, where the job sets live."""
 
+    served = frozenset(settings.namespaces)
+
     def enqueue(keys: set[JobKey]) -> None:
+        # The cache sees worker pods of every namespace; a namespaced operator serves its own.
         for key in keys:
-            rt.queue.add(key)
+            if not served or key[0] in served:
+                rt.queue.add(key)
 
     def node_changed(node: str) -> None:
         # Capacity or readiness changed: jobs waiting for GPUs, and jobs with a worker there.
@@ -672,7 +691,7 @@ def _build(settings: Settings, loop: asyncio.AbstractEventLoop) -> Runtime:
         loop.call_soon_threadsafe(lambda: enqueue(set(rt.pending_jobs)))
 
     def worker_event(job: JobKey) -> None:
-        loop.call_soon_threadsafe(rt.queue.add, job)
+        loop.call_soon_threadsafe(enqueue, {job})
 
     def relisted(_kind: str) -> None:
         loop.call_soon_threadsafe(lambda: enqueue(set(rt.known_jobs)))  # events were missed

@@ -192,6 +192,18 @@ class Runtime:
     kueue: KueueApi | None = None
     workload_watch: WorkloadWatch | None = None
 
+    def forget_claims(self, job: JobKey) -> None:
+        """The job is gone (or no longer ours): out of the queue and of preemption's view."""
+        self.demands.pop(job, None)
+        self.holders.pop(job, None)
+        self.leaving.pop(job, None)
+
+    def sweep_claims(self, known: frozenset[JobKey]) -> None:
+        """Forgets queue and holder entries of jobs no longer known (deleted while no pass
+        of theirs ran); under the claim lock."""
+        for job in {*self.demands, *self.holders, *self.leaving} - known:
+            self.forget_claims(job)
+
     def clock(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
 

@@ -338,3 +338,30 @@ def test_a_job_ahead_claims_and_reserves_only_among_the_nodes_it_may_use() -> No
     assert queue.slots[ahead.key].fits
     assert not queue.slots[later.key].fits  # the job ahead took pool B first
     assert arrange([head, later], nodes).slots[later.key].fits
+
+
+def test_a_job_no_domain_could_hold_does_not_take_the_head_of_its_line() -> None:
+    """A job whose nodes are gone waits for ever; the next job of its priority still reserves,
+    so later small jobs cannot take the GPUs it waits for."""
+    nodes = busy(rack_nodes(racks=1, per_rack=4), "r0-n0", "r0-n1", "r0-n2")
+    stranded = replace(demand("stranded", 1, at=0), eligible=frozenset())
+    gang = demand("gang", 4, at=1)
+    later = demand("later", 1, at=2)
+    queue = arrange([stranded, gang, later], nodes)
+    reservation = queue.slots[gang.key].reservation
+    assert reservation is not None and set(reservation.nodes) == {"r0-n3"}
+    assert not queue.slots[later.key].fits
+    assert "no domain could hold it" in queue.slots[stranded.key].waits_for
+
+
+def test_each_node_pool_has_its_own_head() -> None:
+    """A head waiting in one pool does not keep the first waiting job of another pool (same
+    priority) from reserving there."""
+    nodes = busy(rack_nodes(racks=2, per_rack=2), "r0-n0", "r1-n0")
+    pool_a, pool_b = frozenset({"r0-n0", "r0-n1"}), frozenset({"r1-n0", "r1-n1"})
+    head_a = replace(demand("head-a", 2, at=0), eligible=pool_a)
+    head_b = replace(demand("head-b", 2, at=1), eligible=pool_b)
+    later_b = replace(demand("later-b", 1, at=2), eligible=pool_b)
+    queue = arrange([head_a, head_b, later_b], nodes)
+    assert queue.slots[head_b.key].reservation is not None
+    assert not queue.slots[later_b.key].fits

@@ -34,6 +34,7 @@ from ddl_operator.core.placement import GangRequest, Placement, Unplaceable, pla
 from ddl_operator.core.topology import Domain, NodeInfo, build_tree, level_name
 
 JobKey = tuple[str, str]  # namespace, name
+_Line = tuple[int, "frozenset[str] | None"]  # a priority within one node pool
 DEFAULT_PRIORITY: Final = 0  # Kubernetes' priority for pods without a class and no default
 
 
@@ -130,7 +131,8 @@ def arrange(
         raise ValueError("a job appears twice in the queue")
     claimed: Counter[str] = Counter()  # GPUs that fitting jobs ahead will place on a node
     withheld: Counter[str] = Counter()  # GPUs that heads ahead reserve on a node
-    heads: dict[int, JobKey] = {}  # priority -> its head
+    # (priority, nodes it may use) -> its head: jobs of other node pools keep their own.
+    heads: dict[_Line, JobKey] = {}
     holders: list[tuple[JobKey, Reservation]] = []
     slots: dict[JobKey, Slot] = {}
     for position, demand in enumerate(ordered, 1):
@@ -144,10 +146,13 @@ def arrange(
             slot = Slot(demand.key, position, len(order), view, fits=True)
         else:
             reservation = None
-            if demand.priority not in heads:
-                heads[demand.priority] = demand.key
+            line = (demand.priority, demand.eligible)
+            if line not in heads:
                 reservation = reserve(view, demand.request)
                 if reservation is not None:
+                    # A job no domain could hold even empty heads nothing: it would only
+                    # keep the next job of its line from reserving.
+                    heads[line] = demand.key
                     withheld.update(reservation.nodes)
                     holders.append((demand.key, reservation))
             why = _waits_for(demand, result, reservation, nodes, claimed, holders, heads)
@@ -230,7 +235,7 @@ def _waits_for(
     nodes: Sequence[NodeInfo],
     claimed: Counter[str],
     holders: Sequence[tuple[JobKey, Reservation]],
-    heads: Mapping[int, JobKey],
+    heads: Mapping[_Line, JobKey],
 ) -> str:
     """Why a job does not fit, in words for its condition."""
     request = demand.request
@@ -241,8 +246,8 @@ def _waits_for(
             f"it as they free ({reservation.held} held, {reservation.missing} of "
             f"{request.min_workers} workers still missing there)"
         )
-    head = heads[demand.priority]
-    if head == demand.key:
+    head = heads.get((demand.priority, demand.eligible))
+    if head is None:
         return f"first in line: {result.reason}; no domain could hold it even empty"
     if holders and isinstance(place(_minus(nodes, claimed), request), Placement):
         names = ", ".join(_name(key) for key, _ in holders)
