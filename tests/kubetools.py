@@ -12,12 +12,18 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ddl_localcluster.controlplane import binary
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "ddljobs.ddl-operator.dev.yaml"
+
+
+# The integration control plane's node-monitor grace: kwok heartbeats its nodes about every
+# 20 s, so a grace of 20 s lets healthy nodes flap NotReady (and jobs re-form) in any test that
+# runs longer than that.
+NODE_GRACE_SECONDS: Final = 40
 
 
 @dataclass

@@ -11,16 +11,14 @@ import pytest
 
 from ddl_localcluster.controlplane import ControlPlane
 
-from kubetools import CRD_FILE, Kubectl, KwokProcess, OperatorProcess
+from kubetools import CRD_FILE, NODE_GRACE_SECONDS, Kubectl, KwokProcess, OperatorProcess
 
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """One control plane per test session; fails (never skips) when it cannot start."""
     cp = ControlPlane(tmp_path_factory.mktemp("control-plane"))
-    # kwok heartbeats its nodes about every 20 s: a grace of 20 s lets healthy nodes flap
-    # NotReady (and jobs re-form) in any test that runs longer than that.
-    cp.start(node_grace_seconds=60)
+    cp.start(node_grace_seconds=NODE_GRACE_SECONDS)
     try:
         yield cp
     finally:
