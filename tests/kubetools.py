@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "ddljobs.ddl-operator.dev.yaml"
 
 
-# The integration control plane's node-monitor grace: kwok heartbeats its nodes about every
-# 20 s, so a grace of 20 s lets healthy nodes flap NotReady (and jobs re-form) in any test that
-# runs longer than that.
-NODE_GRACE_SECONDS: Final = 40
+# The integration control plane's node-monitor grace. kwok heartbeats its nodes every 20-25 s
+# when idle and later after a busy test (40 s seen); shorter graces let healthy nodes flap
+# NotReady and jobs re-form in any test that runs longer than that.
+NODE_GRACE_SECONDS: Final = 90
 
 
 @dataclass

@@ -396,7 +396,7 @@ def _file_holder(rt: Runtime, snap: Snapshot, plan: Plan, priorities: PriorityCl
         _created(snap.body, rt.clock()),
         job,
         [p for p in snap.pods if p.name not in plan.delete],
-        leaving=rt.leaving_pods(key, frozenset(p.name for p in snap.pods)),
+        leaving=rt.leaving_pods(key),
     )
     if holder is None:
         rt.holders.pop(key, None)
