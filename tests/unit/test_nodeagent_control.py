@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,11 +147,16 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, FakeAgent]]:
 
 
 def wait_for_socket(path: Path) -> None:
-    for _ in range(100):
-        if path.exists():
-            return
+    """Until the server accepts connections (the file appears at bind, before listen)."""
+    for _ in range(250):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+                return
+            except OSError:
+                pass
         threading.Event().wait(0.02)
-    raise AssertionError(f"{path} did not appear")
+    raise AssertionError(f"{path} does not accept connections")
 
 
 def test_send_round_trips_through_the_socket(served: tuple[Path, FakeAgent]) -> None:
