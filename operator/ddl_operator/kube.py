@@ -188,20 +188,7 @@ class Kube:
         """Merge `annotations` into the job's own (None removes one); returns the job as
         written. The resourceVersion `body` was read at goes with the patch, so a pass based
         on a stale read fails with 409 here as its status write would."""
-        meta = body["metadata"]
-        changes: dict[str, Any] = {"annotations": dict(annotations)}
-        if meta.get("resourceVersion"):
-            changes["resourceVersion"] = meta["resourceVersion"]
-        written: dict[str, Any] = self.custom.patch_namespaced_custom_object(
-            c.GROUP,
-            c.VERSION,
-            meta["namespace"],
-            c.PLURAL,
-            meta["name"],
-            {"metadata": changes},
-            _content_type="application/merge-patch+json",
-        )
-        return written
+        return self.patch_job(body, {"metadata": {"annotations": dict(annotations)}})
 
     def patch_job(self, body: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
         """Merge-patch the job's spec and metadata (Kueue's admission and eviction), at the
