@@ -268,13 +268,7 @@ class ClusterCache:
         )
         stream.response = response
         try:
-            for line in iter_resp_lines(response):
-                if self._stopping.is_set():
-                    break
-                if not line:
-                    continue
-                event = json.loads(line)
-                kind, obj = event.get("type"), event.get("object") or {}
+            for kind, obj in watch_events(response, self._stopping):
                 if kind == "ERROR":
                     if obj.get("code") == 410:
                         raise _Gone()
@@ -347,3 +341,13 @@ def _interrupt(response: Any) -> None:
     if response is not None:
         with contextlib.suppress(OSError):
             response.shutdown()
+
+
+def watch_events(response: Any, stopping: threading.Event) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(type, object) of each event of a raw watch response, until `stopping` is set."""
+    for line in iter_resp_lines(response):
+        if stopping.is_set():
+            return
+        if line:
+            event = json.loads(line)
+            yield str(event.get("type")), event.get("object") or {}

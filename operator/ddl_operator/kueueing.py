@@ -18,9 +18,9 @@ from typing import Any, Final
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
 from ddl_operator.api import constants as c
+from ddl_operator.cache import watch_events
 from ddl_operator.core import kueue as k
 
 log = logging.getLogger(__name__)
@@ -247,13 +247,7 @@ class WorkloadWatch:
         )
         self._responses[namespace] = response
         try:
-            for line in iter_resp_lines(response):
-                if self._stopping.is_set():
-                    break
-                if not line:
-                    continue
-                event = json.loads(line)
-                kind, obj = event.get("type"), event.get("object") or {}
+            for kind, obj in watch_events(response, self._stopping):
                 if kind == "ERROR":
                     raise ApiException(status=obj.get("code"), reason=obj.get("message"))
                 if kind != "BOOKMARK":
