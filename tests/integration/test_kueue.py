@@ -207,10 +207,9 @@ def test_a_16_gpu_queue_admits_one_2x8_job_and_the_second_after_the_first_finish
     assert st1.finished and not st1.may_run
 
 
-def test_a_higher_priority_workload_evicts_a_lower_one_and_runs_once_its_admission_is_cleared(
-    kueue_manager: KueueManager, kubectl: Kubectl, namespace: str, test_id: str
-) -> None:
-    for name, value in (("low", 100), ("high", 1000)):
+def _priority_classes(kubectl: Kubectl, test_id: str, **values: int) -> None:
+    """PriorityClasses `ddl-<name>-<test_id>` of the given values, labelled for clean-up."""
+    for name, value in values.items():
         _create(
             kubectl,
             {
@@ -220,6 +219,12 @@ def test_a_higher_priority_workload_evicts_a_lower_one_and_runs_once_its_admissi
                 "value": value,
             },
         )
+
+
+def test_a_higher_priority_workload_evicts_a_lower_one_and_runs_once_its_admission_is_cleared(
+    kueue_manager: KueueManager, kubectl: Kubectl, namespace: str, test_id: str
+) -> None:
+    _priority_classes(kubectl, test_id, low=100, high=1000)
     queue = _queues(kubectl, namespace, test_id, gpus=16, withinClusterQueue="LowerPriority")
     _low, wl_low = _submit(kubectl, namespace, "low", queue, k.Priority(100, f"ddl-low-{test_id}"))
     _wait(kubectl, "workload", wl_low, "condition=Admitted", namespace)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_kueue import _create, _queues, _wait, kueue_manager, test_id
+from test_kueue import _create, _priority_classes, _queues, _wait, kueue_manager, test_id
 
 from ddl_localcluster.kueue import KueueManager
 from ddl_operator.api import constants as c
@@ -142,16 +142,7 @@ def test_a_16_gpu_queue_runs_one_2x8_job_and_the_second_once_the_first_finished(
 def test_kueue_preempting_a_lower_priority_workload_suspends_its_job_cleanly(
     kueue_manager: KueueManager, kubectl: Kubectl, namespace: str, test_id: str, pool: FakeCluster
 ) -> None:
-    for name, value in (("low", 100), ("high", 1000)):
-        _create(
-            kubectl,
-            {
-                "apiVersion": "scheduling.k8s.io/v1",
-                "kind": "PriorityClass",
-                "metadata": {"name": f"ddl-{name}-{test_id}", "labels": {"ddl-test": test_id}},
-                "value": value,
-            },
-        )
+    _priority_classes(kubectl, test_id, low=100, high=1000)
     queue = _queues(kubectl, namespace, test_id, gpus=16, withinClusterQueue="LowerPriority")
     _submit(kubectl, namespace, pool, "low", queue, priorityClassName=f"ddl-low-{test_id}")
     kubectl.wait_job(namespace, "low", "{.status.phase}", "Running", timeout=START_S)
