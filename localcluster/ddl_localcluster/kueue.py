@@ -50,14 +50,15 @@ from ddl_localcluster.controlplane import (
     stop_process_group,
     wait_for,
 )
+from ddl_operator.api import constants as c
+from ddl_operator.core import kueue
 
 BUILD_COMMAND: Final = "make kueue   (or: scripts/build-kueue.sh)"
 PROCESS: Final = "kueue"
 NAMESPACE: Final = "kueue-system"
-API_VERSION: Final = "kueue.x-k8s.io/v1beta2"
-CONFIG_API_VERSION: Final = "config.kueue.x-k8s.io/v1beta2"
+CONFIG_API_VERSION: Final = f"config.{kueue.API_VERSION}"
 # The DDLJob kind in Kueue's `Kind.version.group` form (integrations.externalFrameworks).
-DDLJOB_FRAMEWORK: Final = "DDLJob.v1alpha1.ddl-operator.dev"
+DDLJOB_FRAMEWORK: Final = f"{c.KIND}.{c.VERSION}.{c.GROUP}"
 # Kueue's default Job integration; an empty list means this default anyway.
 DEFAULT_FRAMEWORKS: Final = ("batch/job",)
 # CRDs whose conversion webhook Kueue's certificate rotator injects its CA into

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from ddl_localcluster.controlplane import ControlPlane, ControlPlaneError
-from ddl_localcluster.kueue import API_VERSION, KueueManager, manager_binary
+from ddl_localcluster.kueue import KueueManager, manager_binary
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
 from ddl_operator.core import kueue as k
@@ -67,7 +67,7 @@ def _queues(kubectl: Kubectl, ns: str, ident: str, gpus: int, **preemption: str)
     _create(
         kubectl,
         {
-            "apiVersion": API_VERSION,
+            "apiVersion": k.API_VERSION,
             "kind": "ResourceFlavor",
             "metadata": {"name": flavor, "labels": labels},
             "spec": {
@@ -77,7 +77,7 @@ def _queues(kubectl: Kubectl, ns: str, ident: str, gpus: int, **preemption: str)
         },
     )
     cq: dict[str, Any] = {
-        "apiVersion": API_VERSION,
+        "apiVersion": k.API_VERSION,
         "kind": "ClusterQueue",
         "metadata": {"name": f"cq-{ident}", "labels": labels},
         "spec": {
@@ -98,7 +98,7 @@ def _queues(kubectl: Kubectl, ns: str, ident: str, gpus: int, **preemption: str)
     _create(
         kubectl,
         {
-            "apiVersion": API_VERSION,
+            "apiVersion": k.API_VERSION,
             "kind": "LocalQueue",
             "metadata": {"name": "team", "namespace": ns},
             "spec": {"clusterQueue": f"cq-{ident}"},
