@@ -54,15 +54,16 @@ def helm(cp: ControlPlane, *args: str) -> str:
     return proc.stdout
 
 
-def start_cluster(cp: ControlPlane) -> None:
-    """Control plane, node agent and the operator chart; reuses whatever already runs."""
+def start_cluster(cp: ControlPlane, cluster: Path = CLUSTER) -> None:
+    """Control plane, node agent (simulating `cluster`) and the operator chart; reuses
+    whatever already runs."""
     running = cp.running()
     if "kube-apiserver" not in running:
         say("starting the control plane (etcd, kube-apiserver, controller-manager, scheduler)")
         cp.start(progress=lambda m: say(f"  {m}"))
     if "nodeagent" not in running:
-        say(f"starting the node agent: {CLUSTER.relative_to(REPO_ROOT)}")
-        cp.start_node_agent(CLUSTER)
+        say(f"starting the node agent: {cluster.relative_to(REPO_ROOT)}")
+        cp.start_node_agent(cluster)
     say("helm install the operator chart (the operator runs as a pod under its RBAC)")
     helm(
         cp,
@@ -228,15 +229,18 @@ def print_prometheus_summary(url: str, job: str) -> None:
 class JobWatch:
     """Polls the job, prints a line whenever its phase, epoch or progress changes."""
 
-    def __init__(self, cp: ControlPlane, name: str) -> None:
+    def __init__(self, cp: ControlPlane, name: str, namespace: str = "default") -> None:
         self.cp = cp
         self.name = name
+        self.namespace = namespace
         self.status: dict[str, Any] = {}
         self._last_line = ""
         self._targets_at = 0.0
 
     def poll(self) -> dict[str, Any]:
-        job = json.loads(kubectl(self.cp, "get", "ddlj", self.name, "-o", "json"))
+        job = json.loads(
+            kubectl(self.cp, "get", "ddlj", self.name, "-n", self.namespace, "-o", "json")
+        )
         status: dict[str, Any] = job.get("status", {})
         line = (
             f"{status.get('phase', 'Pending'):9} epoch={status.get('epoch', 0)} "
@@ -250,7 +254,7 @@ class JobWatch:
         if line != self._last_line:
             say(line)
             self._last_line = line
-        if time.monotonic() - self._targets_at > 2:
+        if (self.cp.dir / "prometheus").is_dir() and time.monotonic() - self._targets_at > 2:
             update_targets(self.cp)
             self._targets_at = time.monotonic()
         self.status = status
@@ -352,10 +356,11 @@ class Reform:
     redone: int
 
 
-def pod_report(cp: ControlPlane, pod: str) -> dict[str, Any] | None:
+def pod_report(cp: ControlPlane, pod: str, namespace: str = "default") -> dict[str, Any] | None:
     """The agent's report annotation on pod (what the operator reads), or None."""
     try:
-        meta = json.loads(kubectl(cp, "get", "pod", pod, "-o", "json"))["metadata"]
+        found_pod = json.loads(kubectl(cp, "get", "pod", pod, "-n", namespace, "-o", "json"))
+        meta = found_pod["metadata"]
         found: dict[str, Any] = json.loads(meta.get("annotations", {})[REPORT])
     except (RuntimeError, KeyError, ValueError):
         return None
@@ -373,7 +378,7 @@ def reformed(cp: ControlPlane, watch: JobWatch, after_epoch: int, timeout: float
         if epoch > after_epoch:
             seen[epoch] = int(rdzv["workers"])
             leader = min(rdzv["members"], key=lambda m: int(m["rank"]))["pod"]
-            report = pod_report(cp, leader) or {}
+            report = pod_report(cp, leader, watch.namespace) or {}
             found = TRAINING.match(str(report.get("message", "")))
             if found and int(found.group(1)) == epoch:
                 return Reform(
