@@ -413,7 +413,7 @@ def sizing_run(
         status = watch.status
         rdzv = status["rendezvous"]
         epoch, workers = int(rdzv["epoch"]), int(rdzv["workers"])
-        final = read_throughput(watch, epoch, 0, 10)
+        final = read_throughput(watch, epoch, 0, READ_SECONDS)
         sizing = status["sizing"]
         tried = [
             SizeTried(int(t["workers"]), float(t["samplesPerSecond"]), bool(t.get("kept", True)))
@@ -452,7 +452,7 @@ def fixed_size_run(
         watch = JobWatch(cp, name, namespace)
         start = reformed(cp, watch, 0, timeout=timeout)
         reading = read_throughput(
-            watch, int(start.rendezvous["epoch"]), start.resumed_from + WINDOW_STEPS, 15
+            watch, int(start.rendezvous["epoch"]), start.resumed_from + WINDOW_STEPS, READ_SECONDS
         )
         say(f"{name}: {replicas} workers (scaling Replicas): {reading}")
         return reading

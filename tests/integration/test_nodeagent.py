@@ -447,6 +447,32 @@ def test_node_down_turns_not_ready_kills_pods_and_comes_back(
     assert terminated(kubectl.get_json("pod", "-n", namespace, "victim"))["exitCode"] == 137
 
 
+def test_a_slowdown_outlives_an_agent_restart(
+    control_plane: ControlPlane, kubectl: Kubectl, tmp_path: Path
+) -> None:
+    """The Node's annotation carries the knob across a restart (a straggler stays one)."""
+    test_id = uuid.uuid4().hex[:5]
+    spec = ClusterSpec.load(EXAMPLE).replace(
+        racks=1, node_name=f"nr{test_id}-n{{node}}", link_rate=None, labels={"ddl-test": test_id}
+    )
+    node = spec.nodes()[1].name
+    agent = AgentProcess(control_plane.kubeconfig, tmp_path / "agent", spec, "auto")
+    try:
+        agent.start()
+        agent.ctl("node-slow", node, "0.5")
+        agent.stop()
+        agent.start()
+        assert agent.status()["slowdown"] == {node: 0.5}, agent.log()
+        assert f"{node}: slowdown restored" in agent.log()
+        agent.ctl("node-slow", node, "1")
+        annotations = kubectl.get_json("node", node)["metadata"].get("annotations", {})
+        assert "ddl-localcluster.dev/slowdown" not in annotations
+        assert agent.status()["slowdown"] == {}
+    finally:
+        agent.stop()
+        kubectl.run("delete", "nodes", "-l", f"ddl-test={test_id}", "--wait=false", check=False)
+
+
 def test_node_delete_removes_the_node_and_node_up_brings_it_back(
     agent: AgentProcess, kubectl: Kubectl, spec: ClusterSpec
 ) -> None:

@@ -66,6 +66,25 @@ class NodeAgent:
 
     def register(self, node: NodeState) -> None:
         self.heartbeats.register(node)
+        self._restore_slowdown(node.spec.name)
+
+    def _restore_slowdown(self, node: str) -> None:
+        """A node slowed before the agent restarted stays slowed: its Node says how much."""
+        try:
+            found = self.api.call("GET", f"/api/v1/nodes/{node}")
+        except ApiError as err:
+            self.say(f"{node}: cannot read its slowdown annotation: {err}")
+            return
+        value = (found["metadata"].get("annotations") or {}).get(SLOWDOWN_ANNOTATION)
+        if value is None:
+            return
+        try:
+            fraction = slowdown.parse_fraction(value)
+        except ValueError as err:
+            self.say(f"{node}: {SLOWDOWN_ANNOTATION} ignored: {err}")
+            return
+        self.throttle.set(node, fraction)
+        self.say(f"{node}: slowdown restored from its Node: {slowdown.describe(fraction)}")
 
     # -- the loop ---------------------------------------------------------------------------
 
