@@ -55,7 +55,9 @@ def sizing_table(runs: list[goodput.SizingFigures], stock: goodput.Reading | Non
     sizes = sorted({t.workers for r in runs for t in r.tried} | {r.replicas for r in runs})
     lines = [
         "Throughput sizing (elastic 1..3 workers x 2 GPUs, scalingGain 0.5): samples/s per size",
-        "| job | " + " | ".join(f"{w} workers" for w in sizes) + " | stays at | ours/Replicas |",
+        "| job | "
+        + " | ".join(f"{w} worker{'s' if w > 1 else ''}" for w in sizes)
+        + " | stays at | ours/Replicas |",
         "| --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: |",
     ]
     for r in runs:
