@@ -47,7 +47,8 @@ def straggler_table(f: goodput.StragglerFigures) -> list[str]:
         ),
         f"replaced {f.steps_to_replace} steps after the slowdown (forSteps {f.for_steps}); "
         f"training again {f.pause_seconds:.0f}s after the decision; recovered to "
-        f"{f.recovered:.0%} of before",
+        f"{f.recovered:.0%} of before; ranks of each node and rack contiguous after it: "
+        f"{'yes' if f.packed else 'NO'}",
     ]
 
 

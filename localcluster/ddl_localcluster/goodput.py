@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from ddl_localcluster.controlplane import REPO_ROOT, ControlPlane
-from ddl_localcluster.demo import JobWatch, Reform, kubectl, pod_report, reformed
+from ddl_localcluster.demo import (
+    RACK,
+    JobWatch,
+    Reform,
+    contiguous_domains,
+    is_contiguous,
+    kubectl,
+    pod_report,
+    reformed,
+)
 from ddl_localcluster.nodeagent.control import send
 from ddl_operator.api import constants as c
 
@@ -34,7 +43,9 @@ GLOBAL_BATCH: Final = 48
 # Steps rank 0's throughput is averaged over (ddl_worker's PROGRESS_WINDOW), and a few more:
 # a reading this many steps into a new regime no longer mixes in the old one.
 WINDOW_STEPS: Final = 25
-# Workers publish progress every 10 s (ddl_worker.report): a reading takes a few of those.
+# Workers publish progress every REPORT_SECONDS (ddl_worker.report.KubernetesReporter), so
+# a reading takes a few of those and the straggler watch sees one observation per interval.
+REPORT_SECONDS: Final = 10.0
 READ_SECONDS: Final = 40.0
 STEPS: Final = 1_000_000  # runs end by deleting the job once they have their figures
 Say = Callable[[str], None]
@@ -212,6 +223,7 @@ class StragglerFigures:
     steps_to_replace: int
     for_steps: int
     pause_seconds: float
+    packed: bool  # after the replacement, the ranks of each node and rack are contiguous
     message: str
 
     @property
@@ -304,12 +316,19 @@ def straggler_run(
             steps_to_replace=replaced.resumed_from - slowed_at,
             for_steps=for_steps,
             pause_seconds=pause,
+            packed=_packed(replaced.rendezvous["members"]),
             message=message,
         )
     finally:
         if slowed_node is not None:
             slow_node(cp, slowed_node, 1.0)
         delete_job(cp, namespace, name)
+
+
+def _packed(members: list[Mapping[str, Any]]) -> bool:
+    return is_contiguous(contiguous_domains(members, "")) and is_contiguous(
+        contiguous_domains(members, RACK)
+    )
 
 
 def _replacement(
@@ -334,10 +353,10 @@ def _replacement(
 
 Kind = Literal["communication", "compute"]
 # Communication-heavy: a 50,000-wide hidden layer (2.1 M parameters, 8.4 MB of gradients per
-# step) and little compute; compute-heavy: the small net's 0.1 MB and 10 ms per sample.
+# step) and little compute; compute-heavy: the small net's 0.1 MB and 20 ms per sample.
 TRAINER_ARGS: Final[dict[Kind, list[str]]] = {
     "communication": ["--hidden", "50000", "--device-ms-per-sample", "1"],
-    "compute": ["--device-ms-per-sample", "10"],
+    "compute": ["--device-ms-per-sample", "20"],
 }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ddl_localcluster import demo, netns
+from ddl_localcluster import demo, goodput, netns
 from ddl_localcluster.controlplane import ControlPlane
 
 from kubetools import Kubectl
@@ -17,10 +17,11 @@ from kubetools import Kubectl
 
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    """What `make demo` starts: 2 racks x 2 nodes x 2 GPUs and the operator as a pod."""
+    """What `make demo` starts, on 2 racks x 4 nodes x 2 GPUs (room in a rack for a straggler's
+    replacement), and the operator as a pod."""
     cp = ControlPlane(tmp_path_factory.mktemp("local-cluster"))
     try:
-        demo.start_cluster(cp)
+        demo.start_cluster(cp, goodput.CLUSTER)
         yield cp
     finally:
         pids = list(cp.state().get("pids", {}).values())
