@@ -53,6 +53,19 @@ def main(argv: list[str] | None = None) -> int:
         help="namespace of the Lease (default: $POD_NAMESPACE, else default)",
     )
     parser.add_argument("--leader-elect-name", default="ddl-operator", help="name of the Lease")
+    parser.add_argument(
+        "--no-queue-order",
+        dest="queue_order",
+        action="store_false",
+        help="no GPU queue: jobs are not ordered by priority and age and no waiting job holds "
+        "GPUs for itself; whichever job's pass claims first takes the free GPUs",
+    )
+    parser.add_argument(
+        "--no-preemption",
+        dest="preemption",
+        action="store_false",
+        help="never shrink or suspend lower-priority jobs for a job that does not fit",
+    )
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--version", action="version", version=__version__)
     args = parser.parse_args(argv)
@@ -63,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_cluster_role=args.worker_cluster_role,
         workers=args.workers,
         namespaces=tuple(args.namespace),
+        queue_order=args.queue_order,
+        preemption=args.preemption,
         lease=LeaseConfig(
             namespace=args.leader_elect_namespace,
             identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",

@@ -353,6 +353,9 @@ def _queue_slot(
 
     Only jobs that could not place yet stay filed, so the walk costs a placement per job
     that is waiting, not per job in the cluster.
+
+    With `--no-queue-order` nothing is filed and nothing waits ahead of any job: a held job's
+    slot is the free capacity alone, and every other job may take all free GPUs.
     """
     job, key = snap.job, (snap.job.metadata.namespace, snap.job.metadata.name)
     request = pending_request(job, snap.pods, snap.nodes, now)
@@ -366,6 +369,10 @@ def _queue_slot(
         request=request,
         eligible=frozenset(n.name for n in snap.nodes if n.schedulable),
     )
+    if not rt.settings.queue_order:
+        rt.demands.pop(key, None)
+        alone = arrange([demand], snap.nodes, until=key).slots.get(key) if held else None
+        return demand, alone
     rt.demands[key] = demand
     mine = queue_key(demand)
     ahead = [d for d in rt.demands.values() if queue_key(d) < mine]
@@ -409,7 +416,9 @@ def _preempt(
 ) -> list[tuple[Eviction, JobKey]]:
     """For the first job in the queue that does not fit: the evictions that make it fit
     (under the claim lock). The GPUs of workers already leaving count as free, so a pass
-    during the hand-over evicts nobody more."""
+    during the hand-over evicts nobody more. None with `--no-preemption`."""
+    if not rt.settings.preemption:
+        return []
     name = priority_class_name(snap.job.spec.template)
     policy: PreemptionPolicy = (
         "Never" if name in priorities.never_preempt else ("PreemptLowerPriority")

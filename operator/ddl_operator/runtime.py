@@ -44,6 +44,11 @@ class Settings:
     namespaces: tuple[str, ...] = ()
     # Reconcile only while holding this Lease; None runs unconditionally (one replica).
     lease: LeaseConfig | None = None
+    # The GPU queue's order and head-of-line reservation (--no-queue-order turns it off:
+    # whichever job's pass claims first takes the free GPUs).
+    queue_order: bool = True
+    # Preemption of lower-priority jobs for a waiting one (--no-preemption turns it off).
+    preemption: bool = True
 
 
 @dataclass(frozen=True)
