@@ -238,7 +238,7 @@ def straggler_run(
     say: Say,
     *,
     fraction: float = 0.5,
-    for_steps: int = 100,
+    for_steps: int = 200,
     device_ms: float = 5.0,
 ) -> StragglerFigures:
     """3 workers in one rack; one worker's node slowed to `fraction`; replaced in the rack."""

@@ -375,10 +375,9 @@ def _queue_slot(
         return demand, alone
     rt.demands[key] = demand
     mine = queue_key(demand)
-    ahead = [d for d in rt.demands.values() if queue_key(d) < mine]
-    if not ahead and not held:
+    if not held and not any(queue_key(d) < mine for d in rt.demands.values()):
         return demand, None
-    return demand, arrange([*ahead, demand], snap.nodes, until=key).slots.get(key)
+    return demand, rt.slot(key, tuple(snap.nodes))
 
 
 def _priority(job: DDLJob, priorities: PriorityClasses) -> int:

@@ -12,14 +12,14 @@ import asyncio
 import datetime as dt
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Final
 
 from ddl_operator.cache import ClusterCache
 from ddl_operator.core.preemption import Running
-from ddl_operator.core.queueing import Demand
+from ddl_operator.core.queueing import Demand, Slot, queue_key, walk
 from ddl_operator.core.topology import NodeInfo
 from ddl_operator.kube import Kube
 from ddl_operator.kueueing import KueueApi, WorkloadWatch
@@ -164,6 +164,17 @@ class WorkQueue:
 
 
 @dataclass
+class Arrangement:
+    """A walk of the GPU queue (core/queueing.py `walk`), its inputs, and the slots it has
+    given so far."""
+
+    demands: tuple[Demand, ...]
+    nodes: tuple[NodeInfo, ...]
+    walk: Iterator[Slot]
+    slots: dict[JobKey, Slot]
+
+
+@dataclass
 class Runtime:
     """Everything one running operator holds. The sets are touched on the event loop only;
     the reconcile threads report back through their pass's outcome."""
@@ -178,6 +189,8 @@ class Runtime:
     # Jobs waiting for GPUs, in the GPU queue's terms (core/queueing.py): each job's pass
     # files or withdraws its own, under the claim lock, where the queue is read.
     demands: dict[JobKey, Demand] = field(default_factory=dict)
+    # The last walk of the whole queue and what it was computed from (see `arranged`).
+    arrangement: Arrangement | None = None
     # What running jobs hold, for preemption; and the workers preemption already took from
     # them (job -> pod -> (node, GPUs, until when)). Both under the claim lock, too.
     holders: dict[JobKey, Running] = field(default_factory=dict)
@@ -196,6 +209,25 @@ class Runtime:
     # None where nothing was set up (then such jobs are held, saying Kueue is missing).
     kueue: KueueApi | None = None
     workload_watch: WorkloadWatch | None = None
+
+    def slot(self, job: JobKey, nodes: tuple[NodeInfo, ...]) -> Slot | None:
+        """`job`'s slot in the GPU queue over `nodes` (under the claim lock).
+
+        One walk serves every waiting job's pass until the capacity or a demand changes:
+        each pass re-walking the jobs ahead of it cost a placement per job ahead, under the
+        lock, and one freed GPU wakes every waiting job. The walk goes only as far as the
+        jobs asked for so far, and further when a later one asks (a job's slot depends only
+        on the jobs ahead of it)."""
+        demands = tuple(sorted(self.demands.values(), key=queue_key))
+        last = self.arrangement
+        if last is None or last.demands != demands or last.nodes != nodes:
+            last = self.arrangement = Arrangement(demands, nodes, walk(demands, nodes), {})
+        if job not in last.slots and any(d.key == job for d in demands):
+            for slot in last.walk:
+                last.slots[slot.key] = slot
+                if slot.key == job:
+                    break
+        return last.slots.get(job)
 
     def forget_claims(self, job: JobKey) -> None:
         """The job is gone (or no longer ours): out of the queue and of preemption's view."""

@@ -13,7 +13,7 @@ from ddl_localcluster.controlplane import ControlPlane
 def test_slowed_worker_is_replaced_in_its_rack_and_throughput_recovers(
     local_cluster: ControlPlane, namespace: str, tmp_path: Path
 ) -> None:
-    f = goodput.straggler_run(local_cluster, namespace, tmp_path, print, for_steps=100)
+    f = goodput.straggler_run(local_cluster, namespace, tmp_path, print, for_steps=200)
     print(f)
     assert f.slowed.samples_per_second < 0.85 * f.before.samples_per_second, f
     # The watch sees one report per interval: up to two intervals (and the rate window) pass

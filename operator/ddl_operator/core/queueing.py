@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -126,6 +126,17 @@ def arrange(
     `nodes` count every placed pod's GPUs in `used`, as `reconcile` expects.
     """
     ordered = sorted(demands, key=queue_key)
+    slots: dict[JobKey, Slot] = {}
+    for slot in walk(ordered, nodes):
+        slots[slot.key] = slot
+        if slot.key == until:
+            break
+    return Queue(order=tuple(d.key for d in ordered), slots=slots)
+
+
+def walk(ordered: Sequence[Demand], nodes: Sequence[NodeInfo]) -> Iterator[Slot]:
+    """The slots of `ordered` (in queue order), one at a time: a caller that needs only the
+    first few jobs' stops there, and one that keeps the generator can go on later."""
     order = tuple(d.key for d in ordered)
     if len(set(order)) != len(order):
         raise ValueError("a job appears twice in the queue")
@@ -134,7 +145,6 @@ def arrange(
     # (priority, nodes it may use) -> its head: jobs of other node pools keep their own.
     heads: dict[_Line, JobKey] = {}
     holders: list[tuple[JobKey, Reservation]] = []
-    slots: dict[JobKey, Slot] = {}
     for position, demand in enumerate(ordered, 1):
         view = tuple(_minus(nodes, claimed + withheld))
         if demand.eligible is not None:
@@ -143,25 +153,21 @@ def arrange(
         if isinstance(result, Placement):
             units = demand.request.units_per_worker
             claimed.update({w.node: units for w in result.workers if w.pod is None})
-            slot = Slot(demand.key, position, len(order), view, fits=True)
-        else:
-            reservation = None
-            line = (demand.priority, demand.eligible)
-            if line not in heads:
-                reservation = reserve(view, demand.request)
-                if reservation is not None:
-                    # A job no domain could hold even empty heads nothing: it would only
-                    # keep the next job of its line from reserving.
-                    heads[line] = demand.key
-                    withheld.update(reservation.nodes)
-                    holders.append((demand.key, reservation))
-            why = _waits_for(demand, result, reservation, nodes, claimed, holders, heads)
-            where = f"position {position} of {len(order)}: "
-            slot = Slot(demand.key, position, len(order), view, False, reservation, where + why)
-        slots[demand.key] = slot
-        if demand.key == until:
-            break
-    return Queue(order=order, slots=slots)
+            yield Slot(demand.key, position, len(order), view, fits=True)
+            continue
+        reservation = None
+        line = (demand.priority, demand.eligible)
+        if line not in heads:
+            reservation = reserve(view, demand.request)
+            if reservation is not None:
+                # A job no domain could hold even empty heads nothing: it would only
+                # keep the next job of its line from reserving.
+                heads[line] = demand.key
+                withheld.update(reservation.nodes)
+                holders.append((demand.key, reservation))
+        why = _waits_for(demand, result, reservation, nodes, claimed, holders, heads)
+        where = f"position {position} of {len(order)}: "
+        yield Slot(demand.key, position, len(order), view, False, reservation, where + why)
 
 
 def reserve(nodes: Sequence[NodeInfo], request: GangRequest) -> Reservation | None:
