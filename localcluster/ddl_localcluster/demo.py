@@ -375,9 +375,11 @@ def reformed(cp: ControlPlane, watch: JobWatch, after_epoch: int, timeout: float
         status = watch.poll()
         rdzv = membership(status)
         epoch = int(rdzv.get("epoch", 0))
-        if epoch > after_epoch:
+        members = rdzv.get("members") or []
+        if epoch > after_epoch and members:
+            # An epoch is announced while its pods are still being placed (no members yet).
             seen[epoch] = int(rdzv["workers"])
-            leader = min(rdzv["members"], key=lambda m: int(m["rank"]))["pod"]
+            leader = min(members, key=lambda m: int(m["rank"]))["pod"]
             report = pod_report(cp, leader, watch.namespace) or {}
             found = TRAINING.match(str(report.get("message", "")))
             if found and int(found.group(1)) == epoch:

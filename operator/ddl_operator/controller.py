@@ -36,7 +36,7 @@ from kubernetes import client
 
 from ddl_operator import metrics
 from ddl_operator.api import constants as c
-from ddl_operator.api.models import DDLJob, DDLJobStatus, Phase
+from ddl_operator.api.models import DDLJob, DDLJobStatus, Phase, managed_here
 from ddl_operator.apiclient import load_client
 from ddl_operator.cache import Callbacks, ClusterCache
 from ddl_operator.core import kueue
@@ -172,6 +172,11 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         _forget_metrics(rt, namespace, name)
         with rt.claim_lock:
             rt.forget_claims(key)  # a deleted job neither waits ahead of others nor holds GPUs
+        return Outcome(gone=True)
+    if not snap.job.spec.managed_here:
+        # spec.managedBy names another controller (immutable): nothing here is ours to write.
+        with rt.claim_lock:
+            rt.forget_claims(key)
         return Outcome(gone=True)
     now = dt.datetime.now(dt.UTC)
     errors = spec_errors(snap.job)
@@ -801,8 +806,11 @@ def job_event(
 ) -> None:
     rt = _runtime(memo)
     key = (namespace or "", name)
-    if type == "DELETED":
+    ours = managed_here((body.get("spec") or {}).get("managedBy"))
+    if type == "DELETED" or not ours:
         rt.known_jobs.discard(key)
+        if type != "DELETED":
+            return  # another controller's job (spec.managedBy)
     else:
         rt.known_jobs.add(key)
         if rt.echoes.get(key) == body.get("metadata", {}).get("resourceVersion"):

@@ -231,3 +231,19 @@ def test_template_fields_the_schema_does_not_type_are_kept(
     assert stored["spec"]["containers"][0] == container
     assert stored["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
     assert stored["spec"]["priorityClassName"] == "high"
+
+
+def test_managed_by_cannot_be_set_changed_or_removed_after_creation(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    plain = make_ddljob(name="plain", namespace=namespace)
+    handed = make_ddljob(name="handed", namespace=namespace, managedBy="kueue.x-k8s.io/multikueue")
+    assert kubectl.apply(plain).returncode == 0
+    assert kubectl.apply(handed).returncode == 0
+    for job, value in (
+        (plain, "kueue.x-k8s.io/multikueue"),
+        (handed, c.CONTROLLER_NAME),
+        (handed, DELETE),
+    ):
+        proc = kubectl.apply(set_path(job, "spec.managedBy", value))
+        assert proc.returncode != 0 and "managedBy is immutable" in proc.stderr, proc.stderr

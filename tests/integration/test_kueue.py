@@ -2,9 +2,9 @@
 `make kueue`) with its own CRDs, a 16-GPU ClusterQueue, and Workloads built by core/kueue.py for
 real DDLJob objects. What Kueue writes back is read through core/kueue.py, as the operator will.
 
-The DDLJobs are created suspended: if the operator runs in this session it holds nothing for
-them, and here the test plays the owner's part (finishing a Workload, clearing an evicted one's
-admission) with the bodies core/kueue.py builds.
+The DDLJobs name another controller in spec.managedBy, so an operator running in this session
+leaves them (and their Workloads) alone, and here the test plays the owner's part (creating and
+finishing a Workload, clearing an evicted one's admission) with the bodies core/kueue.py builds.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from kubetools import Kubectl
 
 GPU = c.GPU_RESOURCE
 WAIT_S = 60
+OWNER = "ddl-test/kueue-owner"  # spec.managedBy: this test, not the operator, owns the jobs
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def _queues(kubectl: Kubectl, ns: str, ident: str, gpus: int, **preemption: str)
 
 def _ddljob(kubectl: Kubectl, ns: str, name: str, queue: str, **shape: Any) -> DDLJob:
     shape = {"replicas": 2, "gpus": 8, **shape}
-    manifest = make_ddljob(name=name, namespace=ns, suspend=True, **shape)
+    manifest = make_ddljob(name=name, namespace=ns, suspend=True, managedBy=OWNER, **shape)
     manifest["metadata"]["labels"] = {k.LABEL_QUEUE_NAME: queue}
     return DDLJob.model_validate(_create(kubectl, manifest))
 

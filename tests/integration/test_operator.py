@@ -64,6 +64,17 @@ def test_16_gpu_job_lands_on_two_nodes_of_one_rack(
     assert all(not p["spec"].get("schedulingGates") for p in pods)
 
 
+def test_a_job_managed_by_another_controller_is_left_alone(
+    kubectl: Kubectl, namespace: str, cluster: FakeCluster
+) -> None:
+    submit(kubectl, namespace, cluster, "theirs", managedBy="kueue.x-k8s.io/multikueue")
+    submit(kubectl, namespace, cluster, "ours", managedBy=c.CONTROLLER_NAME)
+    wait_for(kubectl, namespace, "ours", "{.status.phase}", "Running")
+    # By the time a job submitted after it runs, a pass for "theirs" would have made pods.
+    assert worker_pods(kubectl, namespace, "theirs") == []
+    assert "status" not in kubectl.get_json("ddlj", "theirs", "-n", namespace)
+
+
 def test_job_larger_than_any_rack_stays_gated_and_says_why(
     kubectl: Kubectl, namespace: str, cluster: FakeCluster
 ) -> None:

@@ -22,6 +22,10 @@ LABEL_RACK: Final = "topology.kubernetes.io/rack"
 LABEL_ZONE: Final = "topology.kubernetes.io/zone"
 DEFAULT_TOPOLOGY_LEVELS: Final = (LABEL_HOSTNAME, LABEL_NVLINK_DOMAIN, LABEL_RACK, LABEL_ZONE)
 
+# spec.managedBy of the jobs this operator reconciles (unset means the same). Any other value
+# hands the job to that controller (MultiKueue's, a test harness): the operator leaves it alone.
+CONTROLLER_NAME: Final = f"{GROUP}/ddljob-controller"
+
 # Labels and annotations the operator puts on the children it makes.
 LABEL_JOB: Final = f"{GROUP}/job"
 LABEL_RANK: Final = f"{GROUP}/rank"

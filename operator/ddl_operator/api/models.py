@@ -38,6 +38,11 @@ def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
     return out
 
 
+def managed_here(managed_by: object) -> bool:
+    """Whether a job with this spec.managedBy is this operator's to reconcile."""
+    return managed_by in (None, c.CONTROLLER_NAME)
+
+
 class ApiModel(BaseModel):
     """Base: camelCase on the wire, snake_case in Python, unknown fields refused."""
 
@@ -395,6 +400,12 @@ class DDLJobSpec(ApiModel):
                     ".processesPerWorker",
                 ),
                 *_gpu_rules(),
+                cel(
+                    "has(self.managedBy) == has(oldSelf.managedBy)"
+                    " && (!has(self.managedBy) || self.managedBy == oldSelf.managedBy)",
+                    "managedBy is immutable",
+                    ".managedBy",
+                ),
             ]
         }
     )
@@ -452,7 +463,21 @@ class DDLJobSpec(ApiModel):
         "fit shrink it toward its minReplicas first, and suspend it only if shrinking is not "
         "enough; it grows back or resumes once the GPU queue lets it.",
     )
+    managed_by: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        description="The controller that reconciles this job. Unset or "
+        f"'{c.CONTROLLER_NAME}' is this operator; any other value (Kueue's MultiKueue, "
+        "'kueue.x-k8s.io/multikueue') leaves the job to that controller: the operator "
+        "creates no pods and writes no status for it. Immutable (the batch/v1 Job convention).",
+    )
     template: dict[str, Any] = Field(json_schema_extra=_TEMPLATE_SCHEMA)
+
+    @property
+    def managed_here(self) -> bool:
+        """Whether this operator, not another controller named in managedBy, runs the job."""
+        return managed_here(self.managed_by)
 
     @property
     def procs_per_worker(self) -> int:
