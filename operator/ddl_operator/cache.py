@@ -169,6 +169,11 @@ class ClusterCache:
         with self._lock:
             return self._ledger.observed()
 
+    def foreign_usage(self) -> dict[str, int]:
+        """GPUs per node held by pods that are not the operator's workers."""
+        with self._lock:
+            return self._ledger.foreign()
+
     def jobs_on(self, node: str) -> set[JobKey]:
         with self._lock:
             return self._ledger.jobs_on(node)

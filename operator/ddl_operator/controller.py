@@ -382,7 +382,7 @@ def _queue_slot(
     mine = queue_key(demand)
     if not held and not any(queue_key(d) < mine for d in rt.demands.values()):
         return demand, None
-    return demand, rt.slot(key, tuple(snap.nodes))
+    return demand, rt.slot(key, tuple(snap.nodes), rt.cache.foreign_usage())
 
 
 def _priority(job: DDLJob, priorities: PriorityClasses) -> int:

@@ -170,6 +170,7 @@ class Arrangement:
 
     demands: tuple[Demand, ...]
     nodes: tuple[NodeInfo, ...]
+    lasting: Mapping[str, int]
     walk: Iterator[Slot]
     slots: dict[JobKey, Slot]
 
@@ -210,8 +211,11 @@ class Runtime:
     kueue: KueueApi | None = None
     workload_watch: WorkloadWatch | None = None
 
-    def slot(self, job: JobKey, nodes: tuple[NodeInfo, ...]) -> Slot | None:
-        """`job`'s slot in the GPU queue over `nodes` (under the claim lock).
+    def slot(
+        self, job: JobKey, nodes: tuple[NodeInfo, ...], lasting: Mapping[str, int]
+    ) -> Slot | None:
+        """`job`'s slot in the GPU queue over `nodes` (under the claim lock); `lasting` are
+        the GPUs other tenants' pods hold (core/queueing.py `reserve`).
 
         One walk serves every waiting job's pass until the capacity or a demand changes:
         each pass re-walking the jobs ahead of it cost a placement per job ahead, under the
@@ -220,8 +224,9 @@ class Runtime:
         on the jobs ahead of it)."""
         demands = tuple(sorted(self.demands.values(), key=queue_key))
         last = self.arrangement
-        if last is None or last.demands != demands or last.nodes != nodes:
-            last = self.arrangement = Arrangement(demands, nodes, walk(demands, nodes), {})
+        if last is None or (last.demands, last.nodes, last.lasting) != (demands, nodes, lasting):
+            steps = walk(demands, nodes, lasting)
+            last = self.arrangement = Arrangement(demands, nodes, lasting, steps, {})
         if job not in last.slots and any(d.key == job for d in demands):
             for slot in last.walk:
                 last.slots[slot.key] = slot

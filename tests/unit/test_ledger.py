@@ -131,6 +131,17 @@ def test_observed_pods_add_up_and_leave() -> None:
     assert ledger.usage() == {} and len(ledger) == 0
 
 
+def test_foreign_counts_only_pods_that_are_not_our_workers() -> None:
+    ledger = Ledger()
+    ledger.observe(A, PodCharge("n1", 8, "ua", TRAIN))
+    ledger.observe(B, PodCharge("n1", 2, "ub"))
+    assert ledger.usage() == {"n1": 10} and ledger.foreign() == {"n1": 2}
+    ledger.observe(B, PodCharge("n2", 4, "ub"))  # moved: counted on its new node only
+    assert ledger.foreign() == {"n2": 4}
+    ledger.delete(B, "ub")
+    assert ledger.foreign() == {} and ledger.usage() == {"n1": 8}
+
+
 def test_an_assumption_counts_at_once_and_the_event_confirms_it() -> None:
     ledger = Ledger()
     charge = PodCharge("n1", 8, "ua", TRAIN)

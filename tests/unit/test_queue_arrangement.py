@@ -43,23 +43,23 @@ def test_each_slot_is_what_walking_up_to_that_job_gives_in_any_asking_order() ->
         rt = runtime(*jobs)
         for job in asking:
             alone = arrange(jobs, nodes, until=job.key).slots[job.key]
-            assert rt.slot(job.key, nodes) == alone, job.key
+            assert rt.slot(job.key, nodes, {}) == alone, job.key
 
 
 def test_one_walk_serves_every_pass_until_capacity_or_a_demand_changes() -> None:
     nodes = tuple(rack_nodes(2, 4))
     rt = runtime(waiting("big", 4, 0), waiting("small", 1, 1))
-    rt.slot(("ml", "small"), nodes)
+    rt.slot(("ml", "small"), nodes, {})
     first = rt.arrangement
     assert first is not None and set(first.slots) == {("ml", "big"), ("ml", "small")}
-    rt.slot(("ml", "big"), tuple(replace(n) for n in nodes))
+    rt.slot(("ml", "big"), tuple(replace(n) for n in nodes), {})
     assert rt.arrangement is first, "equal capacity and demands: the same walk"
     busier = tuple(replace(n, used=8) if n.name == "r1-n0" else n for n in nodes)
-    rt.slot(("ml", "big"), busier)
+    rt.slot(("ml", "big"), busier, {})
     second = rt.arrangement
     assert second is not first and second is not None
     assert set(second.slots) == {("ml", "big")}, "walks only as far as asked"
     rt.demands[("ml", "late")] = waiting("late", 2, 5)
-    assert rt.slot(("ml", "late"), busier) is not None
+    assert rt.slot(("ml", "late"), busier, {}) is not None
     assert rt.arrangement is not second
-    assert rt.slot(("ml", "gone"), busier) is None
+    assert rt.slot(("ml", "gone"), busier, {}) is None

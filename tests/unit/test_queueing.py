@@ -103,6 +103,23 @@ def test_the_head_reserves_the_rack_closest_to_fitting() -> None:
     assert isinstance(claim, Placement) and claim.nodes == ("r0-n3",)
 
 
+def test_the_head_does_not_wait_in_a_rack_only_other_tenants_fill() -> None:
+    # Both racks are full: rack-0 of other tenants' pods, rack-1 of the queue's jobs.
+    nodes = busy(rack_nodes(racks=2, per_rack=4), *(f"r{r}-n{n}" for r in (0, 1) for n in range(4)))
+    tenants = {f"r0-n{n}": 8 for n in range(4)}
+    big = demand("big", 4)
+    plain = reserve(nodes, big.request)
+    assert plain is not None and plain.domain == "rack rack-0", "a tie, broken by name"
+    reservation = reserve(nodes, big.request, tenants)
+    assert reservation is not None and reservation.domain == "rack rack-1"
+    head = arrange([big], nodes, lasting=tenants).slots[big.key]
+    assert head.reservation == reservation
+    # Where other tenants fill every rack, the head still reserves (they may end).
+    everywhere = {n.name: 8 for n in nodes}
+    fallback = reserve(nodes, big.request, everywhere)
+    assert fallback is not None and fallback.domain == "rack rack-0"
+
+
 def test_a_small_job_that_only_fits_inside_the_reservation_waits_and_says_for_whom() -> None:
     nodes = busy(rack_nodes(racks=2, per_rack=4), "r0-n0", "r0-n1", "r0-n2", "r0-n3", "r1-n0")
     queue = arrange([demand("big", 4), demand("small", 1, at=5)], nodes)

@@ -231,6 +231,7 @@ class Ledger:
         self._assumed: dict[PodKey, Assumed] = {}
         self._used: dict[str, int] = {}
         self._jobs: dict[str, dict[JobKey, int]] = {}  # node -> our jobs' pods charged there
+        self._foreign: dict[str, int] = {}  # node -> GPUs of pods that are not our workers
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -244,6 +245,11 @@ class Ledger:
     def jobs_on(self, node: str) -> set[JobKey]:
         """The operator's jobs with a worker charged to `node`."""
         return set(self._jobs.get(node, {}))
+
+    def foreign(self) -> dict[str, int]:
+        """GPUs per node held by pods that are not the operator's workers (other tenants,
+        other controllers): nothing in the GPU queue says when they end."""
+        return dict(self._foreign)
 
     def observed(self) -> dict[PodKey, PodCharge]:
         return dict(self._observed)
@@ -341,6 +347,11 @@ class Ledger:
         else:
             self._used.pop(charge.node, None)
         if charge.job is None:
+            foreign = self._foreign.get(charge.node, 0) + sign * charge.gpus
+            if foreign:
+                self._foreign[charge.node] = foreign
+            else:
+                self._foreign.pop(charge.node, None)
             return
         jobs = self._jobs.setdefault(charge.node, {})
         count = jobs.get(charge.job, 0) + sign

@@ -118,7 +118,10 @@ def priority_of(
 
 
 def arrange(
-    demands: Sequence[Demand], nodes: Sequence[NodeInfo], until: JobKey | None = None
+    demands: Sequence[Demand],
+    nodes: Sequence[NodeInfo],
+    until: JobKey | None = None,
+    lasting: Mapping[str, int] | None = None,
 ) -> Queue:
     """Walk the queue in order: jobs that fit claim, each priority's first job that does not
     fit reserves. Stops after `until`'s slot when given (the claim step needs one job's).
@@ -127,16 +130,20 @@ def arrange(
     """
     ordered = sorted(demands, key=queue_key)
     slots: dict[JobKey, Slot] = {}
-    for slot in walk(ordered, nodes):
+    for slot in walk(ordered, nodes, lasting):
         slots[slot.key] = slot
         if slot.key == until:
             break
     return Queue(order=tuple(d.key for d in ordered), slots=slots)
 
 
-def walk(ordered: Sequence[Demand], nodes: Sequence[NodeInfo]) -> Iterator[Slot]:
+def walk(
+    ordered: Sequence[Demand], nodes: Sequence[NodeInfo], lasting: Mapping[str, int] | None = None
+) -> Iterator[Slot]:
     """The slots of `ordered` (in queue order), one at a time: a caller that needs only the
-    first few jobs' stops there, and one that keeps the generator can go on later."""
+    first few jobs' stops there, and one that keeps the generator can go on later.
+
+    `lasting`: GPUs per node held by pods outside the queue's knowledge (see `reserve`)."""
     order = tuple(d.key for d in ordered)
     if len(set(order)) != len(order):
         raise ValueError("a job appears twice in the queue")
@@ -158,7 +165,7 @@ def walk(ordered: Sequence[Demand], nodes: Sequence[NodeInfo]) -> Iterator[Slot]
         reservation = None
         line = (demand.priority, demand.eligible)
         if line not in heads:
-            reservation = reserve(view, demand.request)
+            reservation = reserve(view, demand.request, lasting)
             if reservation is not None:
                 # A job no domain could hold even empty heads nothing: it would only
                 # keep the next job of its line from reserving.
@@ -170,7 +177,9 @@ def walk(ordered: Sequence[Demand], nodes: Sequence[NodeInfo]) -> Iterator[Slot]
         yield Slot(demand.key, position, len(order), view, False, reservation, where + why)
 
 
-def reserve(nodes: Sequence[NodeInfo], request: GangRequest) -> Reservation | None:
+def reserve(
+    nodes: Sequence[NodeInfo], request: GangRequest, lasting: Mapping[str, int] | None = None
+) -> Reservation | None:
     """The domain a gang that does not fit waits in, with its free GPUs; None if no domain
     could hold the gang even when emptied (reserving would only idle GPUs).
 
@@ -178,7 +187,22 @@ def reserve(nodes: Sequence[NodeInfo], request: GangRequest) -> Reservation | No
     first, never above topology.required), and among those of that level the one where the
     fewest of the smallest gang's workers are missing now, then by name. Kept workers' nodes
     must lie inside it.
+
+    GPUs in `lasting` (other tenants' pods: nothing says when they end, unlike the jobs of
+    the queue) stay when a domain is emptied, so the head does not wait in a rack that only
+    they fill, holding its free GPUs for nothing. Only when no domain could hold the gang
+    around them is every pod assumed to end.
     """
+    if lasting:
+        found = _reserve(nodes, request, lasting)
+        if found is not None:
+            return found
+    return _reserve(nodes, request, {})
+
+
+def _reserve(
+    nodes: Sequence[NodeInfo], request: GangRequest, lasting: Mapping[str, int]
+) -> Reservation | None:
     tree = build_tree(nodes, request.levels)
     levels, required = request.levels, request.required
     top = 0 if required is None else len(levels) - levels.index(required)
@@ -195,7 +219,9 @@ def reserve(nodes: Sequence[NodeInfo], request: GangRequest) -> Reservation | No
             if not set(kept) <= {n.name for n in members}:
                 continue
             units = request.units_per_worker
-            emptied = [replace(n, used=kept[n.name] * units) for n in members]
+            emptied = [
+                replace(n, used=kept[n.name] * units + lasting.get(n.name, 0)) for n in members
+            ]
             if isinstance(place(emptied, inside), Unplaceable):
                 continue
             missing = request.min_workers - _fits_now(members, inside)
