@@ -245,6 +245,17 @@ def test_a_streak_ends_when_the_worker_is_not_the_slow_one_or_the_gang_re_forms(
     assert verdict.state.suspect == "w1" and verdict.state.observations == 1
 
 
+def test_a_suspect_just_under_the_threshold_keeps_its_streak_but_not_under_the_lower_bar() -> None:
+    # POLICY's threshold is 1.2x the others' median: the lower bar is 1.1x.
+    rendezvous, nodes = gang(GANG_NODES), make_nodes(used=BUSY)
+    state = watch(StragglerState(), rendezvous, 100, nodes, {"w1": 2.0}).state
+    state = watch(state, rendezvous, 105, nodes, {"w1": 1.15}).state
+    assert state.suspect == "w1" and state.observations == 2
+    assert slowest({"w0": 1.0, "w1": 1.15, "w2": 1.0}, 1.2) is None, "no new suspect at 1.15x"
+    state = watch(state, rendezvous, 110, nodes, {"w1": 1.05}).state
+    assert state.suspect is None and state.observations == 0
+
+
 def test_an_incomplete_or_stale_set_of_reports_changes_nothing() -> None:
     rendezvous, nodes = gang(GANG_NODES), make_nodes(used=BUSY)
     state = watch(StragglerState(), rendezvous, 100, nodes, {"w1": 2.0}).state

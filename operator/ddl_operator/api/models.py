@@ -132,7 +132,9 @@ class Stragglers(ApiModel):
         le=100.0,
         allow_inf_nan=False,
         description="A worker is slow when its compute time per step (step time minus "
-        "sync-wait) exceeds this times the median of the others'.",
+        "sync-wait) exceeds this times the median of the others'; it stays slow while "
+        "above the bar halfway between (1.1 for 1.2), so readings near the threshold do not "
+        "restart the count.",
     )
     for_steps: int = Field(
         default=50,

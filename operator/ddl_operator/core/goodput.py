@@ -8,10 +8,13 @@ state what it did (`replaced`), so a decision that is never carried out leaves n
 Straggler replacement
   * A worker's compute time per step is its step time minus sync-wait (in synchronous training
     every step takes as long as the slowest, so only the waiting tells ranks apart).
-  * It is a suspect when that exceeds `threshold` x the median of the others' (>= 3 workers).
+  * It is a suspect when that exceeds `threshold` x the median of the others' (>= 3 workers),
+    and stays one while it exceeds the lower bar halfway between the median and that (1.15x
+    for 1.3x): a worker measured near the threshold on a noisy host keeps its streak instead
+    of starting over at every reading that dips just under it (hysteresis).
   * One observation per new step reported; an observation without every member's report at the
-    current epoch says nothing and changes nothing. Another worker slowest, or none slow,
-    ends the streak; so does a re-form (a new epoch).
+    current epoch says nothing and changes nothing. Another worker over the threshold, or the
+    suspect under the lower bar, ends the streak; so does a re-form (a new epoch).
   * Replacement is due once the same worker was the suspect in every observation over at least
     `for_steps` steps and `min_observations` observations, at most one per epoch.
   * Back-off: after the n-th replacement the next waits min_interval x 2**(n-1) (capped), so a
@@ -169,10 +172,18 @@ def slowest(compute: Mapping[str, float], threshold: float) -> str | None:
     if len(compute) < MIN_GANG:
         return None
     pod = max(compute, key=lambda p: (compute[p], p))
+    return pod if _slower(compute, pod, threshold) else None
+
+
+def _slower(compute: Mapping[str, float], pod: str, factor: float) -> bool:
+    """Whether `pod`'s compute time exceeds factor x the median of the others'."""
     median = statistics.median(v for p, v in compute.items() if p != pod)
-    if median < MIN_COMPUTE_SECONDS or compute[pod] <= threshold * median:
-        return None
-    return pod
+    return median >= MIN_COMPUTE_SECONDS and compute[pod] > factor * median
+
+
+def _release_bar(threshold: float) -> float:
+    """Below this a suspect is one no longer: halfway between the median and the threshold."""
+    return 1.0 + (threshold - 1.0) / 2
 
 
 def _observe(
@@ -189,6 +200,14 @@ def _observe(
         return state
     compute, step = seen
     suspect = slowest(compute, policy.threshold)
+    held = state.suspect
+    if (
+        suspect is None
+        and held in compute
+        and len(compute) >= MIN_GANG
+        and _slower(compute, held, _release_bar(policy.threshold))
+    ):
+        suspect = held  # still slow, just under the threshold this time
     if suspect is None:
         return replace(state, suspect=None, observations=0, last_step=step)
     if suspect != state.suspect:
