@@ -14,7 +14,8 @@ No starvation: backfill in space, not time. Walking the order, a job that fits c
 placement would put it, so no job behind takes those GPUs first. The first job of each
 priority that does not fit (that priority's head) reserves the smallest domain that could hold
 its gang if emptied (at or inside topology.required), where the fewest of its workers are
-missing now: the free GPUs there are withheld from every job behind it, so they pile up for the
+missing now, and never one only other tenants' pods fill while another would do: the free
+GPUs there are withheld from every job behind it, so they pile up for the
 head as running jobs end. Jobs behind backfill on what is left; outside the head's reservation
 they cannot delay it. A job behind a head that does not fit reserves nothing: it becomes head
 in turn, so its wait is bounded too. Why space: the operator does not know how long jobs run
