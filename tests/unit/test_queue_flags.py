@@ -70,6 +70,9 @@ class FakeCache:
     def assume(self, key: Any, charge: Any) -> None:
         pass
 
+    def foreign_usage(self) -> dict[str, int]:
+        return {}  # no other tenants' GPU pods here
+
 
 def runtime(kube: FakeKube, **flags: bool) -> Runtime:
     return Runtime(
