@@ -128,14 +128,17 @@ def test_a_small_job_that_only_fits_inside_the_reservation_waits_and_says_for_wh
     assert "held for ns/big" in small.waits_for
 
 
-def test_the_reservation_is_the_smallest_domain_that_could_hold_the_gang() -> None:
-    nodes = busy(rack_nodes(racks=2, per_rack=4), "r0-n0", "r1-n0", "r1-n1")
-    # Two nodes' worth fits a rack; it need not hold a whole rack, or the zone.
-    reservation = reserve(nodes, demand("pair", 4, rack=False).request)
-    assert reservation is not None and reservation.domain == "rack rack-0"
-    one = reserve(busy(rack_nodes(), "r0-n0", "r0-n1", "r1-n0"), demand("one", 1).request)
-    assert one is not None and one.domain.startswith("node "), "a 1-node gang holds one node"
-    assert one.nodes == {"r1-n1": 8}
+def test_the_reservation_is_one_domain_of_the_required_level_or_the_whole_pool() -> None:
+    nodes = busy(rack_nodes(racks=2, per_rack=4), "r0-n0", "r0-n1", "r1-n0", "r1-n1")
+    # 4 nodes free, 2 per rack. A gang that may span racks collects freed GPUs anywhere
+    # rather than waiting for one rack to drain.
+    anywhere = reserve(nodes, demand("spread", 5, rack=False).request)
+    assert anywhere is not None and anywhere.domain == "the cluster"
+    assert anywhere.held == 32 and anywhere.missing == 1
+    # One that must fit a rack waits in one rack (a tie here, broken by name), not a node.
+    in_rack = reserve(nodes, demand("rack", 3).request)
+    assert in_rack is not None and in_rack.domain == "rack rack-0"
+    assert in_rack.nodes == {"r0-n2": 8, "r0-n3": 8} and in_rack.missing == 1
 
 
 def test_a_gang_no_domain_could_ever_hold_reserves_nothing_and_blocks_nobody() -> None:

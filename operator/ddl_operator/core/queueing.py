@@ -12,10 +12,10 @@ globalDefault class, or 0 (`priority_of`).
 
 No starvation: backfill in space, not time. Walking the order, a job that fits claims where
 placement would put it, so no job behind takes those GPUs first. The first job of each
-priority that does not fit (that priority's head) reserves the smallest domain that could hold
-its gang if emptied (at or inside topology.required), where the fewest of its workers are
-missing now, and never one only other tenants' pods fill while another would do: the free
-GPUs there are withheld from every job behind it, so they pile up for the
+priority that does not fit (that priority's head) reserves a domain of its topology.required
+level (the whole pool when unset) that could hold its gang if emptied, where the fewest of its
+workers are missing now, and never one only other tenants' pods fill: the free GPUs there are
+withheld from every job behind it, so they pile up for the
 head as running jobs end. Jobs behind backfill on what is left; outside the head's reservation
 they cannot delay it. A job behind a head that does not fit reserves nothing: it becomes head
 in turn, so its wait is bounded too. Why space: the operator does not know how long jobs run
@@ -184,10 +184,12 @@ def reserve(
     """The domain a gang that does not fit waits in, with its free GPUs; None if no domain
     could hold the gang even when emptied (reserving would only idle GPUs).
 
-    The domain is the smallest that could hold the gang if its pods ended (innermost level
-    first, never above topology.required), and among those of that level the one where the
-    fewest of the smallest gang's workers are missing now, then by name. Kept workers' nodes
-    must lie inside it.
+    The domain is one of topology.required's level (the whole pool when unset) that could
+    hold the gang if its pods ended: the one where the fewest of the smallest gang's workers
+    are missing now, then by name. Kept workers' nodes must lie inside it. Not a smaller
+    domain: anything inside the required one is a placement the job accepts, and draining a
+    smaller one (waiting for the particular jobs on it to end) keeps its freed GPUs idle for
+    longer than collecting the gang's GPUs as they free anywhere the job may go.
 
     GPUs in `lasting` (other tenants' pods: nothing says when they end, unlike the jobs of
     the queue) stay when a domain is emptied, so the head does not wait in a rack that only
@@ -204,35 +206,29 @@ def reserve(
 def _reserve(
     nodes: Sequence[NodeInfo], request: GangRequest, lasting: Mapping[str, int]
 ) -> Reservation | None:
-    tree = build_tree(nodes, request.levels)
     levels, required = request.levels, request.required
     top = 0 if required is None else len(levels) - levels.index(required)
     kept = Counter(request.keep.values())
-    by_depth: dict[int, list[Domain]] = {}
-    for domain in tree.walk():
-        if domain.depth >= top:
-            by_depth.setdefault(domain.depth, []).append(domain)
     inside = replace(request, required=None)
-    for depth in sorted(by_depth, reverse=True):
-        best: tuple[int, tuple[str, ...], Domain] | None = None
-        for domain in by_depth[depth]:
-            members = list(domain.nodes())
-            if not set(kept) <= {n.name for n in members}:
-                continue
-            units = request.units_per_worker
-            emptied = [
-                replace(n, used=kept[n.name] * units + lasting.get(n.name, 0)) for n in members
-            ]
-            if isinstance(place(emptied, inside), Unplaceable):
-                continue
-            missing = request.min_workers - _fits_now(members, inside)
-            if best is None or (missing, domain.path) < best[:2]:
-                best = (missing, domain.path, domain)
-        if best is not None:
-            missing, _, domain = best
-            held = {n.name: n.free for n in domain.nodes() if n.free > 0}
-            return Reservation(domain=_describe(domain), nodes=held, missing=missing)
-    return None
+    units = request.units_per_worker
+    best: tuple[int, tuple[str, ...], Domain] | None = None
+    for domain in build_tree(nodes, levels).walk():
+        if domain.depth != top:
+            continue
+        members = list(domain.nodes())
+        if not set(kept) <= {n.name for n in members}:
+            continue
+        emptied = [replace(n, used=kept[n.name] * units + lasting.get(n.name, 0)) for n in members]
+        if isinstance(place(emptied, inside), Unplaceable):
+            continue
+        missing = request.min_workers - _fits_now(members, inside)
+        if best is None or (missing, domain.path) < best[:2]:
+            best = (missing, domain.path, domain)
+    if best is None:
+        return None
+    missing, _, domain = best
+    held = {n.name: n.free for n in domain.nodes() if n.free > 0}
+    return Reservation(domain=_describe(domain), nodes=held, missing=missing)
 
 
 def _fits_now(nodes: Sequence[NodeInfo], request: GangRequest) -> int:
