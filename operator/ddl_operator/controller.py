@@ -173,7 +173,7 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         with rt.claim_lock:
             rt.forget_claims(key)  # a deleted job neither waits ahead of others nor holds GPUs
         return Outcome(gone=True)
-    if not snap.job.spec.managed_here:
+    if not managed_here(snap.job.spec.managed_by):
         # spec.managedBy names another controller (immutable): nothing here is ours to write.
         with rt.claim_lock:
             rt.forget_claims(key)
@@ -376,7 +376,8 @@ def _queue_slot(
     )
     if not rt.settings.queue_order:
         rt.demands.pop(key, None)
-        alone = arrange([demand], snap.nodes, until=key).slots.get(key) if held else None
+        lasting = rt.cache.foreign_usage() if held else {}
+        alone = arrange([demand], snap.nodes, key, lasting).slots.get(key) if held else None
         return demand, alone
     rt.demands[key] = demand
     mine = queue_key(demand)
@@ -806,11 +807,11 @@ def job_event(
 ) -> None:
     rt = _runtime(memo)
     key = (namespace or "", name)
-    ours = managed_here((body.get("spec") or {}).get("managedBy"))
-    if type == "DELETED" or not ours:
+    if type != "DELETED" and not managed_here((body.get("spec") or {}).get("managedBy")):
         rt.known_jobs.discard(key)
-        if type != "DELETED":
-            return  # another controller's job (spec.managedBy)
+        return  # another controller's job (spec.managedBy)
+    if type == "DELETED":
+        rt.known_jobs.discard(key)
     else:
         rt.known_jobs.add(key)
         if rt.echoes.get(key) == body.get("metadata", {}).get("resourceVersion"):

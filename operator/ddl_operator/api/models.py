@@ -477,11 +477,6 @@ class DDLJobSpec(ApiModel):
     template: dict[str, Any] = Field(json_schema_extra=_TEMPLATE_SCHEMA)
 
     @property
-    def managed_here(self) -> bool:
-        """Whether this operator, not another controller named in managedBy, runs the job."""
-        return managed_here(self.managed_by)
-
-    @property
     def procs_per_worker(self) -> int:
         """Training processes each worker runs."""
         if self.processes_per_worker is not None:

@@ -169,14 +169,17 @@ def _compute_seconds(
 
 def slowest(compute: Mapping[str, float], threshold: float) -> str | None:
     """The worker whose compute time exceeds threshold x the median of the others', if any."""
-    if len(compute) < MIN_GANG:
+    if not compute:
         return None
     pod = max(compute, key=lambda p: (compute[p], p))
     return pod if _slower(compute, pod, threshold) else None
 
 
 def _slower(compute: Mapping[str, float], pod: str, factor: float) -> bool:
-    """Whether `pod`'s compute time exceeds factor x the median of the others'."""
+    """Whether `pod`'s compute time exceeds factor x the median of the others' (a gang of
+    at least MIN_GANG: with fewer, no median says who is slow)."""
+    if len(compute) < MIN_GANG:
+        return False
     median = statistics.median(v for p, v in compute.items() if p != pod)
     return median >= MIN_COMPUTE_SECONDS and compute[pod] > factor * median
 
@@ -201,12 +204,8 @@ def _observe(
     compute, step = seen
     suspect = slowest(compute, policy.threshold)
     held = state.suspect
-    if (
-        suspect is None
-        and held in compute
-        and len(compute) >= MIN_GANG
-        and _slower(compute, held, _release_bar(policy.threshold))
-    ):
+    release = _release_bar(policy.threshold)
+    if suspect is None and held in compute and _slower(compute, held, release):
         suspect = held  # still slow, just under the threshold this time
     if suspect is None:
         return replace(state, suspect=None, observations=0, last_step=step)

@@ -341,17 +341,9 @@ class Ledger:
         return Change(frozenset([freed] if freed else []), frozenset([taken] if taken else []))
 
     def _add(self, charge: PodCharge, sign: int) -> None:
-        total = self._used.get(charge.node, 0) + sign * charge.gpus
-        if total:
-            self._used[charge.node] = total
-        else:
-            self._used.pop(charge.node, None)
+        _bump(self._used, charge.node, sign * charge.gpus)
         if charge.job is None:
-            foreign = self._foreign.get(charge.node, 0) + sign * charge.gpus
-            if foreign:
-                self._foreign[charge.node] = foreign
-            else:
-                self._foreign.pop(charge.node, None)
+            _bump(self._foreign, charge.node, sign * charge.gpus)
             return
         jobs = self._jobs.setdefault(charge.node, {})
         count = jobs.get(charge.job, 0) + sign
@@ -361,6 +353,15 @@ class Ledger:
             jobs.pop(charge.job, None)
             if not jobs:
                 del self._jobs[charge.node]
+
+
+def _bump(totals: dict[str, int], node: str, delta: int) -> None:
+    """Adds delta to a node's total; a node at zero leaves the map."""
+    total = totals.get(node, 0) + delta
+    if total:
+        totals[node] = total
+    else:
+        totals.pop(node, None)
 
 
 def _less(a: PodCharge, b: PodCharge) -> bool:

@@ -196,23 +196,22 @@ def reserve(
     they fill, holding its free GPUs for nothing. Only when no domain could hold the gang
     around them is every pod assumed to end.
     """
+    tree = build_tree(nodes, request.levels)
     if lasting:
-        found = _reserve(nodes, request, lasting)
+        found = _reserve(tree, request, lasting)
         if found is not None:
             return found
-    return _reserve(nodes, request, {})
+    return _reserve(tree, request, {})
 
 
-def _reserve(
-    nodes: Sequence[NodeInfo], request: GangRequest, lasting: Mapping[str, int]
-) -> Reservation | None:
+def _reserve(tree: Domain, request: GangRequest, lasting: Mapping[str, int]) -> Reservation | None:
     levels, required = request.levels, request.required
     top = 0 if required is None else len(levels) - levels.index(required)
     kept = Counter(request.keep.values())
     inside = replace(request, required=None)
     units = request.units_per_worker
     best: tuple[int, tuple[str, ...], Domain] | None = None
-    for domain in build_tree(nodes, levels).walk():
+    for domain in tree.walk():
         if domain.depth != top:
             continue
         members = list(domain.nodes())
