@@ -93,6 +93,8 @@ class Track:
     progress: float = 0.0  # worker-seconds done
     rate: int = 0  # rendezvous workers at the last poll, while Running
     preemptions: set[str] = field(default_factory=set)  # "Shrunk@time", "Suspended@time"
+    # What its Queued condition said while it waited (first few distinct, with the time).
+    queued: list[tuple[float, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", type=float, default=30.0, help="utilisation table step (s)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="per pass (s)")
     parser.add_argument("--operator-log", type=Path, help="copy the operators' log here")
+    parser.add_argument("--jobs-out", type=Path, help="write each job's track (JSON) here")
     args = parser.parse_args(argv)
     window = args.window * args.time_scale
     stream = make_stream(args.jobs, args.seed, args.time_scale, window)
@@ -216,7 +219,34 @@ def main(argv: list[str] | None = None) -> int:
                 args.operator_log.write_bytes(cp.log("ddl-operator").read_bytes())
             cp.stop()
     report(args, stream, nodes, free, work / (free * window), results)
+    if args.jobs_out:
+        args.jobs_out.write_text(json.dumps(job_tracks(stream, results), indent=1))
     return 0
+
+
+def job_tracks(stream: Sequence[JobSpec], results: Sequence[Result]) -> list[dict[str, Any]]:
+    """Each job's spec and, per pass, what the polls saw of it: for finding out why it waited."""
+    out = []
+    for job in stream:
+        row: dict[str, Any] = {
+            "name": job.name,
+            "class": job.klass,
+            "workers": job.workers,
+            "min_workers": job.min_workers,
+            "arrival": round(job.arrival, 1),
+        }
+        for r in results:
+            tr = r.tracks[job.name]
+            wait = None if tr.running is None or tr.created is None else tr.running - tr.created
+            row[r.mode] = {
+                "wait": None if wait is None else round(wait, 1),
+                "running": tr.running,
+                "succeeded": tr.succeeded,
+                "preemptions": sorted(tr.preemptions),
+                "queued": tr.queued,
+            }
+        out.append(row)
+    return out
 
 
 def build_cluster(cp: ControlPlane, count: int, busy: int) -> int:
@@ -364,6 +394,10 @@ def observe(
         for cond in status.get("conditions") or []:
             if cond.get("type") == "Preempted" and cond.get("status") == "True":
                 tr.preemptions.add(f"{cond.get('reason')}@{cond.get('lastTransitionTime')}")
+            said = str(cond.get("message") or "")
+            queued = cond.get("type") == "Queued" and cond.get("status") == "True"
+            if queued and said and len(tr.queued) < 8 and all(said != m for _, m in tr.queued):
+                tr.queued.append((round(t, 1), said))
         if phase != "Succeeded" and tr.finished is None and name not in holding:
             waiting.append(specs[name])
     fits = any(j.min_workers * GPUS <= free for j in waiting)

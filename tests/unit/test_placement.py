@@ -535,3 +535,41 @@ def test_placement_invariants(case: tuple[list[NodeInfo], GangRequest]) -> None:
         assert tier >= 1
         product *= tier
     assert product == expected * request.procs_per_worker
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), st.integers(1, 30), st.booleans())
+def test_full_nodes_change_no_placement_and_no_reason(
+    case: tuple[list[NodeInfo], GangRequest], extra: int, down: bool
+) -> None:
+    """`place` skips nodes with nothing free (most of a busy cluster): adding such nodes, in
+    racks of their own or beside the others, gives the same placement or the same reason."""
+    nodes, request = case
+    full = [
+        NodeInfo(
+            f"full{i}",
+            {LABEL_HOSTNAME: f"full{i}", LABEL_RACK: f"rack{i % 4}", LABEL_ZONE: f"zone{i % 2}"},
+            allocatable=8,
+            used=8,
+            ready=not (down and i % 3 == 0),
+        )
+        for i in range(extra)
+    ]
+    if request.units_per_worker == 0:
+        return  # such a job takes a slot on any ready node, full or not
+    alone, among = place(nodes, request), place([*full, *nodes], request)
+    if isinstance(alone, Placement):
+        assert among == alone
+        return
+    assert isinstance(among, Unplaceable)
+    # Only a cluster with no usable node at all changes its reason, once some are added.
+    assert among.short == alone.short or not any(n.usable for n in nodes)
+
+
+def test_a_cluster_with_every_node_full_says_which_has_most_free() -> None:
+    nodes = [NodeInfo(f"n{i}", {LABEL_HOSTNAME: f"n{i}", LABEL_RACK: "r0"}, 8, 8) for i in range(3)]
+    request = GangRequest(1, 1, 8, LEVELS, LABEL_RACK, 1)
+    result = place(nodes, request)
+    assert isinstance(result, Unplaceable)
+    assert result.short == "NoNodeFitsWorker"
+    assert "most free: 0 on n0" in result.reason

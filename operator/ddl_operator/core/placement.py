@@ -133,7 +133,7 @@ def place(nodes: Sequence[NodeInfo], request: GangRequest) -> Placement | Unplac
     are not evicted by a cordon, they only get no new neighbours.
     """
     kept_on = _kept_by_node(nodes, request.keep)
-    tree = build_tree(nodes, request.levels)
+    tree = build_tree(_with_room(nodes, request, kept_on), request.levels)
     domains = list(tree.walk())
     rooms = _measure(domains, kept_on, request)
     depth_of_required = (
@@ -146,12 +146,12 @@ def place(nodes: Sequence[NodeInfo], request: GangRequest) -> Placement | Unplac
         for domain in _at_depth(domains, depth_of_required)
         if rooms[domain].forced == len(kept_on)
     ]
-    if not candidates:
+    if not candidates and kept_on:
         return _kept_split(domains, rooms, request, depth_of_required)
-    roomiest = min(candidates, key=lambda d: (-rooms[d].cap, -rooms[d].free, d.path))
+    roomiest = min(candidates, key=lambda d: (-rooms[d].cap, -rooms[d].free, d.path), default=tree)
     size = min(request.max_workers, rooms[roomiest].cap)
     if size < request.min_workers:
-        return _explain(tree, rooms, request, roomiest)
+        return _explain(nodes, rooms[tree], request, roomiest, rooms[roomiest])
     new = size - len(request.keep)
     domain = _lowest_fit(domains, rooms, size, new, len(kept_on), depth_of_required)
     picks: list[tuple[NodeInfo, int]] = []
@@ -223,6 +223,25 @@ def _natural(name: str) -> tuple[tuple[int, int, str], ...]:
         for part in re.split(r"(\d+)", name)
         if part
     )
+
+
+def _with_room(
+    nodes: Sequence[NodeInfo], request: GangRequest, kept_on: Mapping[str, list[str]]
+) -> Sequence[NodeInfo]:
+    """The nodes that can change a placement: on a busy cluster most are full, and building
+    the tree over them costs more than the rest of `place` (a full node without kept workers
+    adds no slot and no free unit to any domain, so leaving it out changes nothing)."""
+    if request.units_per_worker <= 0:
+        return nodes  # slots come from the per-node limit, not from free units
+    names = [node.name for node in nodes]
+    if len(set(names)) != len(names):
+        raise ValueError("a node appears twice in the snapshot")
+    return [
+        node
+        for node in nodes
+        if (node.ready and node.schedulable and node.allocatable > node.used)  # node.free > 0
+        or node.name in kept_on
+    ]
 
 
 def _new_slots(node: NodeInfo, kept: int, request: GangRequest) -> int:
@@ -477,20 +496,30 @@ def _per_node(request: GangRequest) -> str:
 
 
 def _explain(
-    tree: Domain, rooms: Mapping[Domain, _Room], request: GangRequest, roomiest: Domain
+    nodes: Sequence[NodeInfo],
+    cluster: _Room,
+    request: GangRequest,
+    roomiest: Domain,
+    roomiest_room: _Room,
 ) -> Unplaceable:
-    """Say which resource or level ran out for the smallest acceptable gang."""
+    """Say which resource or level ran out for the smallest acceptable gang (`nodes`: the
+    whole snapshot, full nodes included, for naming the most free one)."""
     least = request.min_workers
     at_least = "at least " if request.min_workers < request.max_workers else ""
-    cluster = rooms[tree]
-    usable = [node for node in tree.nodes() if node.usable]
+    usable = [node for node in nodes if node.usable]
     if not usable and not cluster.kept:
         return Unplaceable("no node is ready and schedulable", "NoReadyNodes")
     units = request.units_per_worker
     if units > 0 and cluster.cap == cluster.kept:
-        most = min(usable, key=lambda n: (-n.free, n.name), default=None)
+        # Most of a busy cluster is full: the most free node is one with some, if any is.
+        some = [node for node in usable if node.allocatable > node.used]
+        most = min(some, key=lambda n: (-n.free, n.name), default=None)
         if most is None or most.free < units:
-            most_text = f"most free: {most.free} on {most.name}" if most else "none is ready"
+            if most is not None:
+                most_text = f"most free: {most.free} on {most.name}"
+            else:
+                first = min((node.name for node in usable), default=None)
+                most_text = f"most free: 0 on {first}" if first else "none is ready"
             return Unplaceable(
                 f"needs workers of {units} {request.resource_name}; no ready node has "
                 f"{units} free ({most_text})",
@@ -511,7 +540,7 @@ def _explain(
     )
     return Unplaceable(
         f"needs {at_least}{_total(least, request)}{_per_node(request)} within one "
-        f"{request.required}; {which} has {_room_text(rooms[roomiest], request)}",
+        f"{request.required}; {which} has {_room_text(roomiest_room, request)}",
         "RequiredDomainTooSmall",
     )
 

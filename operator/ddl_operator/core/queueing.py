@@ -217,7 +217,7 @@ def _reserve(tree: Domain, request: GangRequest, lasting: Mapping[str, int]) -> 
         members = list(domain.nodes())
         if not set(kept) <= {n.name for n in members}:
             continue
-        emptied = [replace(n, used=kept[n.name] * units + lasting.get(n.name, 0)) for n in members]
+        emptied = [_with_used(n, kept[n.name] * units + lasting.get(n.name, 0)) for n in members]
         if isinstance(place(emptied, inside), Unplaceable):
             continue
         missing = request.min_workers - _fits_now(members, inside)
@@ -238,6 +238,10 @@ def _fits_now(nodes: Sequence[NodeInfo], request: GangRequest) -> int:
     probe = replace(request, min_workers=floor, max_workers=request.min_workers)
     result = place(nodes, probe)
     return len(result.workers) if isinstance(result, Placement) else len(request.keep)
+
+
+def _with_used(node: NodeInfo, used: int) -> NodeInfo:
+    return node if node.used == used else replace(node, used=used)
 
 
 def _minus(nodes: Sequence[NodeInfo], taken: Mapping[str, int]) -> list[NodeInfo]:
