@@ -25,7 +25,7 @@ import logging
 import os
 import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -74,7 +74,7 @@ from ddl_operator.core.validate import (
 from ddl_operator.kube import Kube, PriorityClasses, Snapshot
 from ddl_operator.kueueing import KueueApi, WorkloadWatch
 from ddl_operator.leader import LeaderElector
-from ddl_operator.runtime import JobKey, Runtime, Settings, WorkQueue
+from ddl_operator.runtime import BACKGROUND, URGENT, JobKey, Runtime, Settings, WorkQueue
 
 log = logging.getLogger("ddl_operator")
 
@@ -662,7 +662,7 @@ async def _resync(rt: Runtime) -> None:
         await asyncio.to_thread(_sweep, rt, frozenset(rt.known_jobs))
         for key in list(rt.known_jobs):
             if not rt.queue.backing_off(key):
-                rt.queue.add(key)
+                rt.queue.add(key, BACKGROUND)
 
 
 def _sweep(rt: Runtime, known: frozenset[JobKey]) -> None:
@@ -684,31 +684,49 @@ def _count_phases(rt: Runtime) -> None:
         metrics.JOBS.labels(phase).set(counts.get(phase, 0))
 
 
+def waiting_in_order(pending: Iterable[JobKey], demands: Mapping[JobKey, Demand]) -> list[JobKey]:
+    """Jobs to wake for freed capacity, in the GPU queue's order (the head first: it is the
+    one a freed GPU is held for), then those not filed in the queue, by name. `demands` is a
+    copy: passes on other threads file and withdraw theirs."""
+    waiting = set(pending)
+    filed = sorted((d for k, d in demands.items() if k in waiting), key=queue_key)
+    return [d.key for d in filed] + sorted(waiting - demands.keys())
+
+
 def _build(settings: Settings, loop: asyncio.AbstractEventLoop) -> Runtime:
     """The runtime with its cache started: cache events (on the watch threads) enqueue the
     jobs they may concern, on the loop, where the job sets live."""
 
     served = frozenset(settings.namespaces)
 
-    def enqueue(keys: set[JobKey]) -> None:
+    def enqueue(keys: Iterable[JobKey], lane: int = URGENT) -> None:
         # The cache sees worker pods of every namespace; a namespaced operator serves its own.
         for key in keys:
             if not served or key[0] in served:
-                rt.queue.add(key)
+                rt.queue.add(key, lane)
+
+    def wake_waiting() -> None:
+        enqueue(waiting_in_order(rt.pending_jobs, rt.demands.copy()), BACKGROUND)
 
     def node_changed(node: str) -> None:
-        # Capacity or readiness changed: jobs waiting for GPUs, and jobs with a worker there.
+        # Capacity or readiness changed: jobs with a worker there, and jobs waiting for GPUs.
         jobs = rt.cache.jobs_on(node)
-        loop.call_soon_threadsafe(lambda: enqueue(rt.pending_jobs | jobs))
+
+        def wake() -> None:
+            enqueue(jobs)
+            wake_waiting()
+
+        loop.call_soon_threadsafe(wake)
 
     def capacity_freed(_nodes: frozenset[str]) -> None:
-        loop.call_soon_threadsafe(lambda: enqueue(set(rt.pending_jobs)))
+        loop.call_soon_threadsafe(wake_waiting)
 
     def worker_event(job: JobKey) -> None:
         loop.call_soon_threadsafe(enqueue, {job})
 
     def relisted(_kind: str) -> None:
-        loop.call_soon_threadsafe(lambda: enqueue(set(rt.known_jobs)))  # events were missed
+        # Events were missed: every job, each behind any event of its own.
+        loop.call_soon_threadsafe(lambda: enqueue(sorted(rt.known_jobs), BACKGROUND))
 
     # The cache has a client (and connection pool) of its own, so its watches never wait
     # for a connection that reconcile passes hold.

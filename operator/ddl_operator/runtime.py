@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -74,6 +75,12 @@ ERROR_BACKOFF: Final = Backoff(1.0, 300.0)
 CONFLICT_BACKOFF: Final = Backoff(0.1, 5.0)
 
 
+# Lanes of the work queue: a job's own events first; wake-ups of jobs waiting for GPUs
+# (capacity freed somewhere, the resync) after them.
+URGENT: Final = 0
+BACKGROUND: Final = 1
+
+
 @dataclass
 class WorkQueue:
     """Deduplicating delayed queue of job keys with per-key back-off (controller-runtime's
@@ -82,24 +89,35 @@ class WorkQueue:
     `add` is for events: it queues the key now, back-off or not, since the change it reports
     may be the fix. Failed passes come back through `add_rate_limited`; `forget` after a
     success resets the key's back-off.
+
+    Two lanes, FIFO within each: freed capacity wakes every job waiting for GPUs, and on a
+    busy cluster those passes (each takes the claim lock) kept a running job's own event
+    (its pods bound, a worker lost) waiting behind them for seconds. A key added to the
+    urgent lane while queued in the background one moves up.
     """
 
-    ready: asyncio.Queue[JobKey] = field(default_factory=asyncio.Queue)
-    queued: set[JobKey] = field(default_factory=set)
+    lanes: tuple[deque[JobKey], deque[JobKey]] = field(default_factory=lambda: (deque(), deque()))
+    queued: dict[JobKey, int] = field(default_factory=dict)  # key -> its lane
+    items: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(0))  # queued
     active: set[JobKey] = field(default_factory=set)
-    dirty: set[JobKey] = field(default_factory=set)
+    dirty: dict[JobKey, int] = field(default_factory=dict)  # key -> lane, once it is done
     timers: dict[JobKey, asyncio.TimerHandle] = field(default_factory=dict)
     failures: dict[JobKey, int] = field(default_factory=dict)
     conflicts: dict[JobKey, int] = field(default_factory=dict)
     errors: Backoff = ERROR_BACKOFF
     conflict_backoff: Backoff = CONFLICT_BACKOFF
 
-    def add(self, key: JobKey) -> None:
-        if key in self.active:
-            self.dirty.add(key)  # reconcile again once the running pass ends
+    def add(self, key: JobKey, lane: int = URGENT) -> None:
+        if key in self.active:  # reconcile again once the running pass ends
+            self.dirty[key] = min(lane, self.dirty.get(key, lane))
         elif key not in self.queued:
-            self.queued.add(key)
-            self.ready.put_nowait(key)
+            self.queued[key] = lane
+            self.lanes[lane].append(key)
+            self.items.release()
+        elif lane < self.queued[key]:  # moves up
+            self.lanes[self.queued[key]].remove(key)
+            self.queued[key] = lane
+            self.lanes[lane].append(key)
 
     def add_after(self, key: JobKey, delay: float) -> None:
         """Queue `key` after `delay`, unless a timer already fires it sooner."""
@@ -146,16 +164,17 @@ class WorkQueue:
         self.add(key)
 
     async def get(self) -> JobKey:
-        key = await self.ready.get()
-        self.queued.discard(key)
+        await self.items.acquire()
+        key = (self.lanes[URGENT] or self.lanes[BACKGROUND]).popleft()
+        del self.queued[key]
         self.active.add(key)
         return key
 
     def done(self, key: JobKey) -> None:
         self.active.discard(key)
-        if key in self.dirty:
-            self.dirty.discard(key)
-            self.add(key)
+        lane = self.dirty.pop(key, None)
+        if lane is not None:
+            self.add(key, lane)
 
     def close(self) -> None:
         for timer in self.timers.values():

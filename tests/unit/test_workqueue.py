@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import datetime as dt
 import functools
 import json
 from collections import Counter
@@ -19,11 +20,14 @@ import pytest
 from kubernetes import client
 
 from ddl_operator import controller
+from ddl_operator.api.constants import LABEL_HOSTNAME
 from ddl_operator.api.models import DDLJob
+from ddl_operator.core.placement import GangRequest
+from ddl_operator.core.queueing import Demand
 from ddl_operator.core.reconcile import Event, Plan
 from ddl_operator.core.topology import NodeInfo
 from ddl_operator.kube import PriorityClasses, Snapshot
-from ddl_operator.runtime import Backoff, JobKey, Runtime, Settings, WorkQueue
+from ddl_operator.runtime import BACKGROUND, URGENT, Backoff, JobKey, Runtime, Settings, WorkQueue
 
 from builders import make_ddljob
 
@@ -58,7 +62,7 @@ async def test_failures_wait_longer_each_time_and_a_success_resets() -> None:
     queue = WorkQueue(errors=Backoff(10.0, 60.0))
     delays = [queue.add_rate_limited(KEY) for _ in range(5)]
     assert delays == [10.0, 20.0, 40.0, 60.0, 60.0]
-    assert 59.0 < _due(queue, KEY) <= 60.0 and queue.ready.empty()
+    assert 59.0 < _due(queue, KEY) <= 60.0 and not queue.queued
     assert queue.backing_off(KEY) and queue.failures[KEY] == 5
     queue.forget(KEY)
     assert not queue.backing_off(KEY)
@@ -73,7 +77,7 @@ async def test_a_retry_fires_after_its_delay_not_before() -> None:
     start = loop.time()
     queue.add_rate_limited(KEY)
     await asyncio.sleep(0.02)
-    assert queue.ready.empty()
+    assert not queue.queued
     assert await asyncio.wait_for(queue.get(), 2.0) == KEY
     assert loop.time() - start >= 0.05
 
@@ -113,11 +117,59 @@ async def test_a_key_is_never_handed_out_twice_at_once() -> None:
     queue = WorkQueue()
     queue.add(KEY)
     queue.add(KEY)
-    assert await queue.get() == KEY and queue.ready.empty()
+    assert await queue.get() == KEY and not queue.queued
     queue.add(KEY)  # while its pass runs: once more after it
-    assert queue.ready.empty()
+    assert not queue.queued
     queue.done(KEY)
     assert await asyncio.wait_for(queue.get(), 1.0) == KEY
+
+
+@on_loop
+async def test_a_jobs_own_events_go_before_wake_ups_of_waiting_jobs() -> None:
+    queue = WorkQueue()
+    waiting = [("ml", f"waiting-{i}") for i in range(3)]
+    for key in waiting:
+        queue.add(key, BACKGROUND)
+    queue.add(KEY)  # its pods were bound: it has a rendezvous to publish
+    queue.add(waiting[2])  # an event of its own moves a waiting job up, once
+    got = [await asyncio.wait_for(queue.get(), 1.0) for _ in range(4)]
+    assert got == [KEY, waiting[2], waiting[0], waiting[1]]
+    assert not queue.queued and not any(queue.lanes)
+
+
+@on_loop
+async def test_a_key_busy_when_woken_comes_back_in_the_most_urgent_lane_asked() -> None:
+    queue = WorkQueue()
+    queue.add(KEY, BACKGROUND)
+    assert await queue.get() == KEY
+    queue.add(KEY, BACKGROUND)
+    queue.add(("ml", "other"), BACKGROUND)
+    queue.done(KEY)
+    assert await asyncio.wait_for(queue.get(), 1.0) == ("ml", "other")  # FIFO in a lane
+    assert await asyncio.wait_for(queue.get(), 1.0) == KEY
+    queue.done(KEY)
+    queue.add(KEY, BACKGROUND)
+    queue.add(KEY, URGENT)  # while queued in the background: moves up
+    queue.add(("ml", "late"), BACKGROUND)
+    assert await asyncio.wait_for(queue.get(), 1.0) == KEY
+    assert await asyncio.wait_for(queue.get(), 1.0) == ("ml", "late")
+    assert not queue.queued and not any(queue.lanes)  # handed out once each
+
+
+def test_waiting_jobs_wake_in_the_gpu_queues_order() -> None:
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    request = GangRequest(1, 1, 8, (LABEL_HOSTNAME,), None, 1)
+
+    def demand(name: str, priority: int, age: int) -> Demand:
+        return Demand(("ml", name), priority, t0 - dt.timedelta(seconds=age), request)
+
+    demands = {
+        d.key: d for d in (demand("low-old", 1, 50), demand("high", 10, 1), demand("low-new", 1, 5))
+    }
+    pending = [("ml", "low-new"), ("ml", "unfiled"), ("ml", "low-old"), ("ml", "high")]
+    assert controller.waiting_in_order(pending, demands) == [
+        ("ml", "high"), ("ml", "low-old"), ("ml", "low-new"), ("ml", "unfiled"),
+    ]  # fmt: skip
 
 
 # -- what a failing pass does to its job ---------------------------------------------------
@@ -299,10 +351,10 @@ async def test_a_broken_job_backs_off_shows_its_error_once_and_never_starves_ano
         probe = dataclasses.replace(rt, queue=WorkQueue())
         echo = kube.bodies["broken"]
         controller.job_event("MODIFIED", "broken", "ml", echo, {"runtime": probe})
-        assert probe.queue.ready.empty()
+        assert not probe.queue.queued
         edited = {**echo, "metadata": {**echo["metadata"], "resourceVersion": "edited"}}
         controller.job_event("MODIFIED", "broken", "ml", edited, {"runtime": probe})
-        assert probe.queue.ready.qsize() == 1  # a change by anyone else is looked at now
+        assert len(probe.queue.queued) == 1  # a change by anyone else is looked at now
 
         # The quota is raised: the next retry succeeds, clears the condition, resets.
         kube.failing.clear()
