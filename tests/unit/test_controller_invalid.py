@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any
 
 import pytest
+from fakeruntime import fake_runtime
 from kubernetes import client
 
 from ddl_operator import controller
@@ -17,7 +18,7 @@ from ddl_operator.core.reconcile import Plan
 from ddl_operator.core.topology import NodeInfo
 from ddl_operator.core.validate import CHILD_REFUSED, CONDITION, UNUSABLE_TEMPLATE
 from ddl_operator.kube import PriorityClasses, Snapshot
-from ddl_operator.runtime import Runtime, Settings, WorkQueue
+from ddl_operator.runtime import Runtime
 
 from builders import make_ddljob, set_path
 
@@ -57,18 +58,6 @@ class FakeKube:
         self.applied.append(plan)
 
 
-class FakeCache:
-    """The node cache, synced and holding no reservations."""
-
-    synced = True
-
-    def forget(self, key: Any) -> None:
-        pass
-
-    def assume(self, key: Any, charge: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def kube(request: pytest.FixtureRequest) -> Iterator[FakeKube]:
     yield FakeKube(*request.param)
@@ -78,13 +67,7 @@ def kube(request: pytest.FixtureRequest) -> Iterator[FakeKube]:
 def runtime(kube: FakeKube) -> Iterator[Runtime]:
     """The operator's runtime around the fakes (built by hand: no cluster, no loop)."""
     executor = ThreadPoolExecutor(1)
-    yield Runtime(
-        settings=Settings(),
-        queue=WorkQueue(),
-        kube=cast(Any, kube),
-        cache=cast(Any, FakeCache()),
-        executor=executor,
-    )
+    yield fake_runtime(kube, executor)
     executor.shutdown()
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
+
+from fakeruntime import fake_runtime
 
 from ddl_operator import controller
 from ddl_operator.api import constants as c
@@ -17,7 +19,7 @@ from ddl_operator.core.queueing import Demand
 from ddl_operator.core.reconcile import Plan, WorkerPod
 from ddl_operator.core.topology import NodeInfo
 from ddl_operator.kube import PriorityClasses, Snapshot
-from ddl_operator.runtime import Runtime, Settings, WorkQueue
+from ddl_operator.runtime import Runtime, Settings
 
 from builders import T0, make_ddljob, rack_nodes
 
@@ -61,27 +63,9 @@ class FakeKube:
         self.applied.append(plan)
 
 
-class FakeCache:
-    synced = True
-
-    def forget(self, key: Any) -> None:
-        pass
-
-    def assume(self, key: Any, charge: Any) -> None:
-        pass
-
-    def foreign_usage(self) -> dict[str, int]:
-        return {}  # no other tenants' GPU pods here
-
-
 def runtime(kube: FakeKube, **flags: bool) -> Runtime:
-    return Runtime(
-        settings=Settings(**flags),
-        queue=WorkQueue(),
-        kube=cast(Any, kube),
-        cache=cast(Any, FakeCache()),
-        executor=ThreadPoolExecutor(1),  # starts no thread: the pass is called directly
-    )
+    # The executor starts no thread: the pass is called directly.
+    return fake_runtime(kube, ThreadPoolExecutor(1), Settings(**flags))
 
 
 def placed(kube: FakeKube) -> list[str]:

@@ -14,9 +14,10 @@ import json
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any
 
 import pytest
+from fakeruntime import fake_runtime
 from kubernetes import client
 
 from ddl_operator import controller
@@ -291,16 +292,6 @@ def _meta(name: str) -> dict[str, Any]:
     return {"name": name, "namespace": "ml", "uid": f"u-{name}", "resourceVersion": "1"}
 
 
-class FakeCache:
-    synced = True
-
-    def forget(self, key: Any) -> None:
-        pass
-
-    def assume(self, key: Any, charge: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def executor() -> Iterator[ThreadPoolExecutor]:
     pool = ThreadPoolExecutor(1)
@@ -309,13 +300,7 @@ def executor() -> Iterator[ThreadPoolExecutor]:
 
 
 def _runtime(kube: FakeKube, executor: ThreadPoolExecutor, queue: WorkQueue) -> Runtime:
-    return Runtime(
-        settings=Settings(workers=1),
-        queue=queue,
-        kube=cast(Any, kube),
-        cache=cast(Any, FakeCache()),
-        executor=executor,
-    )
+    return fake_runtime(kube, executor, Settings(workers=1), queue)
 
 
 @on_loop
