@@ -214,12 +214,12 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
 
     # A job with unplaced workers goes straight to the serialised step (so does a victim of
     # preemption: only the queue says when it may grow back); others decide without the
-    # lock, and take it only if their plan places someone after all.
+    # lock, and take it only if their plan creates or places someone after all.
     record = _record(snap.job)
     unplaced = any(not p.placed_on for p in snap.pods)
     plan = None if unplaced or record is not None else decide(snap)
     evictions: list[tuple[Eviction, JobKey]] = []
-    if plan is None or plan.place:
+    if plan is None or plan.place or plan.create:
         # Decide on capacity read under the lock, and reserve what was chosen before the
         # next job reads it; the API writes happen after the lock is released.
         with rt.claim_lock:
@@ -258,8 +258,12 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         errors = _refused_children(err, snap.job)
         if not errors:
             raise
-        # The rest of the plan still applies (losses, placement of existing workers).
-        plan = replace(plan, create=[])
+        # The rest of the plan still applies (losses, placement of existing workers); what
+        # it reserved for the refused new workers is given back.
+        refused = {m["metadata"]["name"] for m in plan.create}
+        for pod in refused:
+            rt.cache.forget((namespace, pod))
+        plan = replace(plan, create=[], place=[p for p in plan.place if p[0] not in refused])
         _refuse(rt, snap, plan.status, errors, now, CHILD_REFUSED, plan.events, plan, identity)
         return Outcome()
     if written is not None and _at_rest(decide, snap, plan):

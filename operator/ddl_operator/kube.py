@@ -24,7 +24,7 @@ from ddl_operator.api.models import DDLJob
 from ddl_operator.cache import ClusterCache
 from ddl_operator.core.podview import owned_by, worker_view
 from ddl_operator.core.reconcile import Event, Plan, WorkerPod
-from ddl_operator.core.render import headless_service
+from ddl_operator.core.render import headless_service, pinned_creates
 from ddl_operator.core.topology import NodeInfo
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class Kube:
                 if err.status != 409:  # already there: an earlier pass made it
                     raise
 
-        def place(step: tuple[str, dict[str, Any]]) -> None:
+        def place(step: tuple[str, Mapping[str, Any]]) -> None:
             # A merge patch replaces the gate list as a whole (the gate is lifted).
             patched = self.core.patch_namespaced_pod(
                 step[0],
@@ -253,10 +253,11 @@ class Kube:
                 if err.status != 404:
                     raise
 
-        self._each(create, plan.create)
+        creates, patches = pinned_creates(plan.create, plan.place)
+        self._each(create, creates)
         if service is not None:
             service.result()  # the workers' Service, made alongside them
-        self._each(place, plan.place)
+        self._each(place, patches)
         self._each(delete, plan.delete)
         body = snap.body
         if plan.annotations:  # the job's own metadata; the status is written over the result

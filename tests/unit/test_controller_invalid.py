@@ -43,6 +43,9 @@ class FakeKube:
     def snapshot(self, namespace: str, name: str) -> Snapshot:
         return self.snap
 
+    def node_infos(self, job: DDLJob) -> list[NodeInfo]:
+        return list(self.snap.nodes)
+
     def priority_classes(self) -> PriorityClasses:
         return PriorityClasses()
 
@@ -114,7 +117,7 @@ def test_an_unusable_template_is_reported_not_raised(kube: FakeKube, runtime: Ru
 def test_a_refused_worker_pod_is_reported_not_raised(kube: FakeKube, runtime: Runtime) -> None:
     assert controller.reconcile_job(runtime, ("ml", "job")) == controller.Outcome()
     (plan,) = kube.applied
-    assert not plan.create  # the rest of the plan still applies
+    assert not plan.create and not plan.place  # the rest of the plan still applies
     assert _invalid(plan).startswith(
         f"{CHILD_REFUSED}: spec.template.spec.containers[0].volumeMounts[0].name: Not found"
     )

@@ -10,22 +10,21 @@ import pytest
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJobStatus, Topology
 from ddl_operator.core.reconcile import BIND_DEADLINE_SECONDS
-from ddl_operator.core.render import ANNOTATION_NODE
+from ddl_operator.core.render import ANNOTATION_NODE, pinned_creates
 
 from builders import Cluster, cond, make_ddljob, rack_nodes
 
 
-def test_gang_is_created_gated_then_placed_then_published() -> None:
+def test_a_gang_that_fits_is_created_pinned_in_one_pass_then_published() -> None:
     cl = Cluster(make_ddljob(replicas=2, gpus=8), rack_nodes(racks=2, per_rack=2))
     first = cl.step()
-    assert len(first.create) == 2 and not first.place
-    assert all(m["spec"]["schedulingGates"] == [{"name": c.SCHEDULING_GATE}] for m in first.create)
-    assert cl.job.status.phase == "Pending"
-    second = cl.step()
-    assert len(second.place) == 2
-    nodes = {p["spec"]["nodeSelector"][c.LABEL_HOSTNAME] for _, p in second.place}
+    assert len(first.create) == 2 and len(first.place) == 2
+    created, patches = pinned_creates(first.create, first.place)
+    assert not patches, "nothing left to patch: the pods are created placed"
+    nodes = {m["spec"]["nodeSelector"][c.LABEL_HOSTNAME] for m in created}
     assert len(nodes) == 2 and len({n.split("-")[0] for n in nodes}) == 1, "one rack, two nodes"
-    assert all(p["spec"]["schedulingGates"] == [] for _, p in second.place)
+    assert all(m["spec"]["schedulingGates"] == [] for m in created)
+    assert all(m["metadata"]["annotations"][ANNOTATION_NODE] in nodes for m in created)
     assert cl.job.status.phase == "Placing" and cl.job.status.epoch == 0
     cl.run_bound()
     cl.step()
@@ -372,13 +371,33 @@ def test_a_relabelled_node_splits_the_gang_and_the_survivors_regroup() -> None:
     assert status == "True" and "rack" in message
 
 
+def test_a_gang_that_does_not_fit_is_created_gated_and_placed_once_it_does() -> None:
+    cl = Cluster(make_ddljob(replicas=2, gpus=8), rack_nodes(racks=2, per_rack=2))
+    full = cl.base_nodes
+    cl.base_nodes = [replace(n, used=8) for n in full]
+    first = cl.step()
+    assert len(first.create) == 2 and not first.place
+    assert all(m["spec"]["schedulingGates"] == [{"name": c.SCHEDULING_GATE}] for m in first.create)
+    assert cl.job.status.phase == "Pending"
+    cl.base_nodes = full
+    second = cl.step()
+    assert not second.create and len(second.place) == 2
+    assert all(p["spec"]["schedulingGates"] == [] for _, p in second.place)
+
+
 def test_fewer_workers_than_the_smallest_gang_waits_for_them() -> None:
     cl = Cluster(make_ddljob(replicas=2, gpus=8, failurePolicy={"backoffSeconds": 0}), rack_nodes())
+    free = cl.base_nodes
+    cl.base_nodes = [replace(n, used=8) for n in free]
     cl.step()
     gated = sorted(cl.pods)
     cl.pods[gated[1]] = replace(cl.pods[gated[1]], deleting=True)
+    cl.base_nodes = free
     plan = cl.step()  # failed before: ValueError from GangRequest (min 2 > max 1)
-    assert len(plan.create) == 1 and not plan.place
+    assert len(plan.create) == 1  # the gated one and the new one are placed together
+    assert sorted(name for name, _ in plan.place) == sorted(
+        {gated[0], plan.create[0]["metadata"]["name"]}
+    )
     cl.pods.pop(gated[1])
     cl.settle()
     assert cl.job.status.phase == "Running" and len(cl.members()) == 2

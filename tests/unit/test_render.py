@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
-from ddl_operator.core.render import SHM_VOLUME, worker_pod
+from ddl_operator.core.render import (
+    ANNOTATION_NODE,
+    SHM_VOLUME,
+    merge_patch,
+    pinned_creates,
+    placement_patch,
+    worker_pod,
+)
 
 from builders import make_ddljob, set_path
 
@@ -39,3 +47,32 @@ def test_a_template_that_mounts_its_own_dev_shm_keeps_it() -> None:
     spec = worker_pod(_job(manifest), 1)["spec"]
     assert spec["volumes"] == [own]
     assert spec["containers"][0]["volumeMounts"] == [{"name": "big-shm", "mountPath": "/dev/shm"}]
+
+
+def test_a_pod_placed_as_it_is_created_keeps_the_users_selector_and_other_gates() -> None:
+    manifest = make_ddljob(gpus=8)
+    spec = manifest["spec"]["template"]["spec"]
+    spec["nodeSelector"] = {"pool": "a100"}
+    spec["schedulingGates"] = [{"name": "example.com/quota"}]
+    job = DDLJob.model_validate(manifest)
+    pods = [worker_pod(job, 0), worker_pod(job, 1)]
+    existing = "job-worker-7"
+    place = [
+        ("job-worker-1", placement_patch("n1", pods[1]["spec"]["schedulingGates"], "t")),
+        (existing, placement_patch("n7", [{"name": c.SCHEDULING_GATE}], "t")),
+    ]
+    created, patches = pinned_creates(pods, place)
+    assert [name for name, _ in patches] == [existing], "only a pod that exists is patched"
+    assert created[0] == pods[0], "an unplaced new pod is created as rendered (gated)"
+    pinned = created[1]
+    assert pinned["spec"]["nodeSelector"] == {"pool": "a100", c.LABEL_HOSTNAME: "n1"}
+    assert pinned["spec"]["schedulingGates"] == [{"name": "example.com/quota"}]
+    assert pinned["metadata"]["annotations"][ANNOTATION_NODE] == "n1"
+    assert pods[1]["spec"]["schedulingGates"][-1] == {"name": c.SCHEDULING_GATE}, "not mutated"
+
+
+def test_merge_patch_merges_maps_removes_nulls_and_replaces_the_rest() -> None:
+    target = {"a": {"b": 1, "c": 2}, "l": [1, 2], "k": "v"}
+    patch = {"a": {"c": None, "d": {"e": None, "f": 3}}, "l": [3], "k": None}
+    assert merge_patch(target, patch) == {"a": {"b": 1, "d": {"f": 3}}, "l": [3]}
+    assert target == {"a": {"b": 1, "c": 2}, "l": [1, 2], "k": "v"}

@@ -4,9 +4,10 @@ Pure: no API calls. The handler reads a snapshot, calls `reconcile`, applies the
 writes the returned status once. Every pass is level-triggered, so a restarted operator
 continues from what it reads, and deterministic pod names make creation idempotent.
 
-Lifecycle: workers are created gated (holding nothing); once placement finds room for at
-least minReplicas of them, each gets its node and its gate lifted; when every placed worker
-runs, the operator publishes a rendezvous (epoch, rank map, grid) that the agents act on.
+Lifecycle: a worker is placed in the pass that creates it when placement finds room for at
+least minReplicas (it is created pinned to its node, ungated); otherwise it is created gated
+(holding nothing) and gets its node and its gate lifted once there is room; when every placed
+worker runs, the operator publishes a rendezvous (epoch, rank map, grid) that the agents act on.
 A lost worker shrinks the membership (new epoch) if enough remain, else the job waits for
 capacity; capacity coming back grows it again at the next epoch. spec.suspend stops the
 gang the same way (an epoch without members), then deletes the pods; unsuspended, the job
@@ -64,7 +65,13 @@ from ddl_operator.core.preemption import (
 )
 from ddl_operator.core.progress import find_straggler, rank0_summary
 from ddl_operator.core.queueing import Slot
-from ddl_operator.core.render import placement_patch, pod_name, selector, worker_pod
+from ddl_operator.core.render import (
+    LABEL_SLOT,
+    placement_patch,
+    pod_name,
+    selector,
+    worker_pod,
+)
 from ddl_operator.core.reports import Rejected, WorkerReport, parse_report
 from ddl_operator.core.topology import NodeInfo
 
@@ -806,6 +813,9 @@ def _scale(seen: Observed, plan: Plan, target: int, replacing: Replace | None = 
     if len(alive) < target:
         _create(seen, plan, target - len(alive))
     placed = [p for p in alive if p.placed_on]
+    # New workers are placed in the pass that creates them: placed ones are created pinned
+    # (render.pinned_creates), one write each and no second pass to lift their gate.
+    fresh = [_new_worker(m) for m in plan.create]
     topology = seen.spec.topology
     split = find_split(
         {p.name: p.placed_on or "" for p in placed},
@@ -816,7 +826,7 @@ def _scale(seen: Observed, plan: Plan, target: int, replacing: Replace | None = 
     )
     return Gang(
         placed=placed,
-        unplaced=[p for p in alive if not p.placed_on],
+        unplaced=[*(p for p in alive if not p.placed_on), *fresh],
         removed=removed,
         split=split,
     )
@@ -838,6 +848,13 @@ def _create(seen: Observed, plan: Plan, count: int) -> None:
         plan.create.append(worker_pod(seen.job, next(free_slots), seen.service_account))
 
 
+def _new_worker(manifest: Mapping[str, Any]) -> WorkerPod:
+    """The view of a worker this pass creates: gated, on no node."""
+    meta, spec = manifest["metadata"], manifest["spec"]
+    gates = tuple({"name": g.get("name")} for g in spec.get("schedulingGates") or [])
+    return WorkerPod(name=meta["name"], slot=int(meta["labels"][LABEL_SLOT]), gates=gates)
+
+
 def _gang_request(seen: Observed, gang: Gang) -> GangRequest | None:
     """The gang to place this pass: the rest of it, at least up to minReplicas; None if
     nothing is to be placed."""
@@ -849,7 +866,7 @@ def _gang_request(seen: Observed, gang: Gang) -> GangRequest | None:
     low = min(target, max(spec.min_replicas, len(keep) + 1))
     high = min(target, len(keep) + len(gang.unplaced))
     if low > high:
-        return None  # fewer workers exist than the smallest gang; those missing are created
+        return None  # fewer workers than the smallest gang (the failure backoff holds them)
     return _request(seen.job, low, high, keep)
 
 

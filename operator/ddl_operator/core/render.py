@@ -65,7 +65,8 @@ def worker_env(job: DDLJob) -> list[dict[str, Any]]:
 
 
 def worker_pod(job: DDLJob, slot: int, service_account: str | None = None) -> dict[str, Any]:
-    """A worker pod, created gated: it holds nothing until the whole gang is placed."""
+    """A worker pod, gated: it holds nothing until the whole gang is placed (when that is
+    decided in the same pass, the placement is merged in before it is created)."""
     name = job.metadata.name
     template = copy.deepcopy(job.spec.template)
     meta = template.get("metadata") or {}
@@ -174,6 +175,31 @@ def placement_patch(
             "schedulingGates": [g for g in gates if g.get("name") != c.SCHEDULING_GATE],
         },
     }
+
+
+def pinned_creates(
+    create: Sequence[Mapping[str, Any]], place: Sequence[tuple[str, Mapping[str, Any]]]
+) -> tuple[list[dict[str, Any]], list[tuple[str, Mapping[str, Any]]]]:
+    """The pods to create with their placement patches merged in (a pod placed in the pass
+    that creates it is created pinned and ungated), and the patches left for existing pods."""
+    patches = dict(place)
+    created = [merge_patch(m, patches.pop(m["metadata"]["name"], {})) for m in create]
+    return created, [(name, patch) for name, patch in place if name in patches]
+
+
+def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """`target` with a JSON merge patch applied (RFC 7386, as the API server applies it):
+    maps merge, null removes a key, anything else replaces."""
+    merged = copy.deepcopy(dict(target))
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping):
+            inner = merged.get(key)
+            merged[key] = merge_patch(inner if isinstance(inner, Mapping) else {}, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def headless_service(job: DDLJob) -> dict[str, Any]:
