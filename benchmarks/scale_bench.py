@@ -166,6 +166,24 @@ def wait_all_running(cp: ControlPlane, ns: str, timeout: float) -> None:
     )
 
 
+def wait_nodes_ready(cp: ControlPlane, want: int, timeout: float) -> None:
+    """Until `want` nodes are Ready, saying how many are every 30 s; on timeout, how far
+    kwok got (at thousands of nodes on two cores, kwok's heartbeats are what limits)."""
+    started = last = time.monotonic()
+    while True:
+        rows = kubectl(cp, "get", "nodes", "--no-headers").splitlines()
+        ready = sum(1 for row in rows if row.split()[1:2] == ["Ready"])
+        elapsed = time.monotonic() - started
+        if ready >= want:
+            return
+        if elapsed > timeout:
+            raise RuntimeError(f"{ready} of {want} kwok nodes Ready after {elapsed:.0f}s")
+        if time.monotonic() - last >= 30:
+            print(f"  {ready} of {want} nodes Ready after {elapsed:.0f}s", flush=True)
+            last = time.monotonic()
+        time.sleep(5)
+
+
 def unrelated_pods(nodes: Sequence[str], start: int, stop: int) -> list[dict[str, Any]]:
     """Ordinary pods bound round-robin to the nodes, without GPUs."""
     docs = []
@@ -263,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             return run(cp, args, more)
         finally:
             cp.stop()
-            if args.operator_log:
+            if args.operator_log and cp.log("ddl-operator").exists():
                 shutil.copy(cp.log("ddl-operator"), args.operator_log)
 
 
@@ -284,7 +302,7 @@ def run(cp: ControlPlane, args: argparse.Namespace, more: list[int]) -> int:
                     nodes.append(name)
                     docs.append(node_doc(name, z, r))
     create_all(cp, docs)
-    kubectl(cp, "wait", "--for=condition=Ready", "node", "--all", "--timeout=280s")
+    wait_nodes_ready(cp, len(nodes), timeout=120 + 0.25 * len(nodes))
     kubectl(cp, "create", "namespace", "unrelated")
     create_all(cp, unrelated_pods(nodes, 0, args.unrelated_pods))
     wait_all_running(cp, "unrelated", timeout=1800)
