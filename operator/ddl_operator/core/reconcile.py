@@ -65,13 +65,7 @@ from ddl_operator.core.preemption import (
 )
 from ddl_operator.core.progress import find_straggler, rank0_summary
 from ddl_operator.core.queueing import Slot
-from ddl_operator.core.render import (
-    LABEL_SLOT,
-    placement_patch,
-    pod_name,
-    selector,
-    worker_pod,
-)
+from ddl_operator.core.render import placement_patch, pod_name, selector, worker_pod
 from ddl_operator.core.reports import Rejected, WorkerReport, parse_report
 from ddl_operator.core.topology import NodeInfo
 
@@ -849,10 +843,10 @@ def _create(seen: Observed, plan: Plan, count: int) -> None:
 
 
 def _new_worker(manifest: Mapping[str, Any]) -> WorkerPod:
-    """The view of a worker this pass creates: gated, on no node."""
-    meta, spec = manifest["metadata"], manifest["spec"]
-    gates = tuple({"name": g.get("name")} for g in spec.get("schedulingGates") or [])
-    return WorkerPod(name=meta["name"], slot=int(meta["labels"][LABEL_SLOT]), gates=gates)
+    """The view of a worker this pass creates (gated, on no node), as podview reads pods."""
+    from ddl_operator.core.podview import worker_view  # podview imports this module
+
+    return worker_view(manifest)
 
 
 def _gang_request(seen: Observed, gang: Gang) -> GangRequest | None:
