@@ -24,6 +24,17 @@ class IdleCache:
         return {}
 
 
+class JobWatchSink:
+    """What a fake kube client does with the DDLJob watch's bodies: nothing (its snapshot
+    reads its own copies)."""
+
+    def observe_job(self, body: Any) -> None:
+        pass
+
+    def forget_job(self, key: Any) -> None:
+        pass
+
+
 def fake_runtime(
     kube: Any,
     executor: ThreadPoolExecutor,

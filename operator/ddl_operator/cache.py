@@ -1,13 +1,20 @@
 """Nodes and GPU usage in memory, kept current by list-then-watch (client-go's informer
 pattern), so a reconcile pass reads free capacity without listing the cluster.
 
-Two watches, each on its own thread: every node, and every pod that has not finished
+Three watches, each on its own thread: every node; every pod that has not finished
 (`status.phase!=Succeeded,status.phase!=Failed`, server-side; a pod that finishes leaves the
-watch as a DELETED event). GPU requests cannot be selected server-side, so each pod event is
-parsed as plain JSON (never into client models) and reduced at once to what accounting needs
-(core/ledger.py); pods without GPUs are not kept at all. Lists are paged, and a watch resumes
-from the last resourceVersion it saw; on 410 Gone it relists. Callbacks tell the controller
-which jobs an event may concern; they run on the watch threads and must only enqueue.
+watch as a DELETED event); and the operator's worker pods in every phase (by label,
+server-side), so a pass reads its own pods here instead of listing them. GPU requests cannot
+be selected server-side, so each pod event is parsed as plain JSON (never into client
+models) and reduced at once to what accounting needs (core/ledger.py); pods without GPUs
+are not kept at all, and of a worker only the state machine's view is. Lists are paged, and
+a watch resumes from the last resourceVersion it saw; on 410 Gone it relists. Callbacks
+tell the controller which jobs an event may concern; they run on the watch threads and must
+only enqueue.
+
+A pass reads its pods here only once the worker watch has caught up with the operator's own
+last write to them (resourceVersions of one type are ordered: core/versions.py), the
+read-your-writes that client-go's controllers get from expectations; until then it lists.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from ddl_operator import metrics
+from ddl_operator.api import constants as c
 from ddl_operator.core.ledger import (
     Change,
     JobKey,
@@ -39,11 +47,15 @@ from ddl_operator.core.ledger import (
     pod_key,
     worker_job,
 )
+from ddl_operator.core.podview import worker_view
+from ddl_operator.core.reconcile import WorkerPod
 from ddl_operator.core.topology import NodeInfo
+from ddl_operator.core.versions import at_least
 
 log = logging.getLogger(__name__)
 
 ACTIVE_PODS: Final = "status.phase!=Succeeded,status.phase!=Failed"
+WORKER_PODS: Final = f"{c.LABEL_ROLE}=worker"
 PAGE_SIZE: Final = 500
 WATCH_SECONDS: Final = 300  # the server ends a watch after this; the cache resumes it
 CALL_TIMEOUT: Final = (5.0, 30.0)
@@ -66,6 +78,24 @@ class Callbacks:
     capacity_freed: Callable[[frozenset[str]], None] = _nothing  # GPUs on these nodes freed
     worker_event: Callable[[JobKey], None] = _nothing  # a pod labelled as a job's worker moved
     relisted: Callable[[str], None] = _nothing  # a relist after the first: events were missed
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A worker pod as a pass reads it: the state machine's view, its uid and its owners."""
+
+    view: WorkerPod
+    uid: str
+    owners: frozenset[str]  # uids
+
+
+def worker_record(pod: Mapping[str, Any]) -> Worker:
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    return Worker(
+        worker_view(pod),
+        str((pod.get("metadata") or {}).get("uid", "")),
+        frozenset(str(r.get("uid")) for r in refs if isinstance(r, Mapping) and r.get("uid")),
+    )
 
 
 @dataclass
@@ -100,12 +130,18 @@ class ClusterCache:
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeFacts] = {}
         self._ledger = Ledger()
+        self._workers: dict[JobKey, dict[str, Worker]] = {}  # job -> pod name -> worker
+        self._worker_jobs: dict[PodKey, JobKey] = {}
+        self._workers_version: str | None = None  # what the worker watch has caught up with
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._streams = {
             "nodes": _Stream("nodes", core.list_node, {}),
             "pods": _Stream(
                 "pods", core.list_pod_for_all_namespaces, {"field_selector": ACTIVE_PODS}
+            ),
+            "workers": _Stream(
+                "workers", core.list_pod_for_all_namespaces, {"label_selector": WORKER_PODS}
             ),
         }
 
@@ -174,6 +210,24 @@ class ClusterCache:
         with self._lock:
             return self._ledger.foreign()
 
+    def workers_at(self, floor: str | None) -> bool:
+        """Whether the worker watch has caught up with `floor` (a pod resourceVersion)."""
+        with self._lock:
+            return self._streams["workers"].synced.is_set() and at_least(
+                self._workers_version, floor
+            )
+
+    def workers(self) -> dict[PodKey, Worker]:
+        """Every worker pod the worker watch holds."""
+        with self._lock:
+            return {(job[0], n): w for job, pods in self._workers.items() for n, w in pods.items()}
+
+    def worker_pods(self, job: JobKey, owner: str) -> list[Worker]:
+        """The job's worker pods that the object with uid `owner` owns, by name."""
+        with self._lock:
+            pods = self._workers.get(job, {})
+            return [pods[n] for n in sorted(pods) if owner in pods[n].owners]
+
     def jobs_on(self, node: str) -> set[JobKey]:
         with self._lock:
             return self._ledger.jobs_on(node)
@@ -220,6 +274,7 @@ class ClusterCache:
     def _relist(self, stream: _Stream) -> str:
         items: list[Mapping[str, Any]] = []
         charges: dict[PodKey, PodCharge] = {}
+        workers: dict[PodKey, tuple[JobKey, Worker]] = {}
         version = ""
         token: str | None = None
         while True:
@@ -244,12 +299,20 @@ class ClusterCache:
                     for key, charge in _reduced(page.get("items") or [])
                     if charge is not None
                 )
+            elif stream.kind == "workers":
+                workers.update(
+                    (pod_key(pod), (job, worker_record(pod)))
+                    for pod in page.get("items") or []
+                    if (job := worker_job(pod)) is not None
+                )
             else:
                 items.extend(page.get("items") or [])
             if not token:
                 break
         if stream.kind == "nodes":
             self._replace_nodes(items)
+        elif stream.kind == "workers":
+            self._replace_workers(workers, version)
         else:
             self._replace_pods(charges)
         stream.relists += 1
@@ -278,7 +341,9 @@ class ClusterCache:
                     if obj.get("code") == 410:
                         raise _Gone()
                     raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-                if kind == "BOOKMARK":
+                if stream.kind == "workers":
+                    self._worker_event(kind, obj)  # a bookmark too: it is caught up to it
+                elif kind == "BOOKMARK":
                     pass
                 elif stream.kind == "nodes":
                     self._node_event(kind, obj)
@@ -314,9 +379,31 @@ class ClusterCache:
             else:
                 change = self._ledger.observe(key, pod_charge(obj))
         self._announce(change)
-        job = worker_job(obj)
-        if job is not None:
-            self.callbacks.worker_event(job)
+
+    def _worker_event(self, kind: str, obj: Mapping[str, Any]) -> None:
+        """A worker pod moved (or a bookmark: the watch has seen everything up to it)."""
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if kind == "BOOKMARK":
+            if version:
+                with self._lock:
+                    self._workers_version = str(version)
+            return
+        key, job = pod_key(obj), worker_job(obj)
+        with self._lock:
+            # A pod relabelled away from its job (or out of the selector) leaves that job.
+            was = self._worker_jobs.pop(key, None)
+            if was is not None:
+                pods = self._workers.get(was, {})
+                pods.pop(key[1], None)
+                if not pods:
+                    self._workers.pop(was, None)
+            if job is not None and kind != "DELETED":
+                self._workers.setdefault(job, {})[key[1]] = worker_record(obj)
+                self._worker_jobs[key] = job
+            if version:
+                self._workers_version = str(version)
+        for concerned in {j for j in (was, job) if j is not None}:
+            self.callbacks.worker_event(concerned)
 
     def _replace_nodes(self, items: list[Mapping[str, Any]]) -> None:
         fresh = {f.name: f for f in map(node_facts, items)}
@@ -325,6 +412,17 @@ class ClusterCache:
         for name in sorted(old.keys() | fresh.keys()):
             if old.get(name) != fresh.get(name) and old:
                 self.callbacks.node_changed(name)
+
+    def _replace_workers(
+        self, workers: Mapping[PodKey, tuple[JobKey, Worker]], version: str
+    ) -> None:
+        fresh: dict[JobKey, dict[str, Worker]] = {}
+        for (_ns, name), (job, record) in workers.items():
+            fresh.setdefault(job, {})[name] = record
+        with self._lock:
+            self._workers = fresh
+            self._worker_jobs = {key: job for key, (job, _) in workers.items()}
+            self._workers_version = version or None
 
     def _replace_pods(self, charges: Mapping[PodKey, PodCharge]) -> None:
         with self._lock:

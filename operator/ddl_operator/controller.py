@@ -83,6 +83,11 @@ RESYNC_SECONDS: Final = 60.0
 # Kueue being installed).
 KUEUE_RECHECK_SECONDS: Final = 30.0
 ERROR_CONDITION: Final = "ReconcileError"
+# A gang's pods are created, bound and started together, and each step is an event per pod:
+# a job's pass waits this long after the first of them, so that one pass sees them all
+# (Kubernetes' Job controller batches its pods' events the same way, for a second). Jobs
+# waiting for GPUs are woken at most this often by freed capacity and node changes.
+EVENT_BATCH_SECONDS: Final = 0.2
 # Exit status when the Lease is lost (client-go's controllers exit too): the process must not
 # reconcile beside the new leader, and its restart comes back as a standby.
 LOST_LEASE_EXIT: Final = 3
@@ -212,12 +217,14 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
             decided.status = kueue.with_condition(decided.status, queued.condition, now)
         return decided
 
-    # A job with unplaced workers goes straight to the serialised step (so does a victim of
-    # preemption: only the queue says when it may grow back); others decide without the
-    # lock, and take it only if their plan creates or places someone after all.
+    # A job with unplaced workers, or with no workers at all yet, goes straight to the
+    # serialised step (so does a victim of preemption: only the queue says when it may grow
+    # back); others decide without the lock, and take it only if their plan creates or
+    # places someone after all (a placement on a big cluster is the costly part of a pass).
     record = _record(snap.job)
-    unplaced = any(not p.placed_on for p in snap.pods)
-    plan = None if unplaced or record is not None else decide(snap)
+    finished = snap.job.status.phase in ("Succeeded", "Failed")
+    claims = (not snap.pods and not finished) or any(not p.placed_on for p in snap.pods)
+    plan = None if claims or record is not None else decide(snap)
     evictions: list[tuple[Eviction, JobKey]] = []
     if plan is None or plan.place or plan.create:
         # Decide on capacity read under the lock, and reserve what was chosen before the
@@ -709,8 +716,17 @@ def _build(settings: Settings, loop: asyncio.AbstractEventLoop) -> Runtime:
             if not served or key[0] in served:
                 rt.queue.add(key, lane)
 
-    def wake_waiting() -> None:
+    wake_due: list[asyncio.TimerHandle] = []
+
+    def wake_now() -> None:
+        wake_due.clear()
         enqueue(waiting_in_order(rt.pending_jobs, rt.demands.copy()), BACKGROUND)
+
+    def wake_waiting() -> None:
+        # Batched too: node events come in streams (a controller untainting nodes at ten a
+        # second after a restart), and each would wake every waiting job.
+        if not wake_due:
+            wake_due.append(loop.call_later(EVENT_BATCH_SECONDS, wake_now))
 
     def node_changed(node: str) -> None:
         # Capacity or readiness changed: jobs with a worker there, and jobs waiting for GPUs.
@@ -725,8 +741,12 @@ def _build(settings: Settings, loop: asyncio.AbstractEventLoop) -> Runtime:
     def capacity_freed(_nodes: frozenset[str]) -> None:
         loop.call_soon_threadsafe(wake_waiting)
 
+    def batched(key: JobKey) -> None:
+        if not served or key[0] in served:
+            rt.queue.add_after(key, EVENT_BATCH_SECONDS)
+
     def worker_event(job: JobKey) -> None:
-        loop.call_soon_threadsafe(enqueue, {job})
+        loop.call_soon_threadsafe(batched, job)
 
     def relisted(_kind: str) -> None:
         # Events were missed: every job, each behind any event of its own.
@@ -834,8 +854,10 @@ def job_event(
         return  # another controller's job (spec.managedBy)
     if type == "DELETED":
         rt.known_jobs.discard(key)
+        rt.kube.forget_job(key)
     else:
         rt.known_jobs.add(key)
+        rt.kube.observe_job(body)
         if rt.echoes.get(key) == body.get("metadata", {}).get("resourceVersion"):
             return  # the echo of our own status write: nothing changed that a pass reads
     rt.queue.add(key)

@@ -2,16 +2,24 @@
 
 The only module that talks to the API server on the reconcile path; everything it returns
 is plain data for the pure core.
+
+A snapshot reads the job as the DDLJob watch last delivered it and the pods as the cache's
+worker watch has them, each only once that watch has caught up with what this operator last
+wrote to it or read of it (its resourceVersion: core/versions.py), so a pass never decides
+on less than it already knows; otherwise it reads from the API. Under a burst of jobs this
+takes two reads off most passes, and the API server's reads off its busiest moments.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime as dt
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -19,6 +27,7 @@ from typing import Any, Final, TypeVar
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from ddl_operator import metrics
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
 from ddl_operator.cache import ClusterCache
@@ -26,10 +35,13 @@ from ddl_operator.core.podview import owned_by, worker_view
 from ddl_operator.core.reconcile import Event, Plan, WorkerPod
 from ddl_operator.core.render import headless_service, pinned_creates
 from ddl_operator.core.topology import NodeInfo
+from ddl_operator.core.versions import UNSEEN, at_least, comparable, newest
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
+JobKey = tuple[str, str]  # (namespace, name)
 FANOUT: Final = 16  # concurrent API calls of the passes together (see apiclient's pool)
 
 _TERMINAL = ("Succeeded", "Failed")
@@ -84,6 +96,68 @@ class Kube:
         self._priority_lock = threading.Lock()
         self._priorities: PriorityClasses | None = None
         self._priority_read = 0.0
+        # The DDLJob watch's latest body per job, and per job the newest resourceVersion of
+        # it (and of its pods) this operator wrote or read: a cache older than that is
+        # not read.
+        self._known = threading.Lock()
+        self._bodies: dict[JobKey, dict[str, Any]] = {}
+        self._job_floor: dict[JobKey, str] = {}
+        self._pod_floor: dict[JobKey, str] = {}
+
+    # -- what the watches delivered, and what this operator wrote ---------------------------
+
+    def observe_job(self, body: Mapping[str, Any]) -> None:
+        """The DDLJob watch's latest body of a job (called for each event)."""
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        with self._known:
+            self._bodies[key] = copy.deepcopy(dict(body))
+
+    def forget_job(self, key: JobKey) -> None:
+        with self._known:
+            self._bodies.pop(key, None)
+            self._job_floor.pop(key, None)
+            self._pod_floor.pop(key, None)
+
+    def _saw(
+        self, floors: dict[JobKey, str], key: JobKey, version: str | None, read: bool = False
+    ) -> None:
+        """Raise a floor to `version`. A consistent `read` from the API also replaces the
+        UNSEEN mark a failed write left: it shows whatever that write did."""
+        if not version:
+            return
+        with self._known:
+            old = floors.get(key)
+            raised = version if read and not comparable(old) else newest(old, version)
+            if raised:
+                floors[key] = raised
+
+    def _job_at(self, body: Mapping[str, Any], read: bool = False) -> None:
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        self._saw(self._job_floor, key, meta.get("resourceVersion"), read)
+
+    def _writing_job(self, body: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]:
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        return self._unseen_on_error(self._job_floor, key)
+
+    @contextlib.contextmanager
+    def _unseen_on_error(self, floors: dict[JobKey, str], key: JobKey) -> Iterator[None]:
+        """A write that fails may still have landed, unseen: read from the API until a
+        read has shown it."""
+        try:
+            yield
+        except BaseException:
+            self._saw(floors, key, UNSEEN)
+            raise
+
+    def _cached_job(self, key: JobKey) -> dict[str, Any] | None:
+        with self._known:
+            body = self._bodies.get(key)
+            floor = self._job_floor.get(key)
+        version = (body or {}).get("metadata", {}).get("resourceVersion")
+        return body if body is not None and at_least(version, floor) else None
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -96,28 +170,41 @@ class Kube:
             if err.status == 404:
                 return None
             raise
+        self._job_at(body, read=True)
         return body
 
     def snapshot(self, namespace: str, name: str) -> Snapshot | None:
-        listing = self._fanout.submit(
-            self.core.list_namespaced_pod,
-            namespace,
-            label_selector=f"{c.LABEL_JOB}={name},{c.LABEL_ROLE}=worker",
-            _preload_content=False,  # plain JSON: client models cost ms per pod
-        )
-        body = self.get_job(namespace, name)
-        raw_pods = _json(listing.result())["items"]
+        key = (namespace, name)
+        with self._known:
+            pod_floor = self._pod_floor.get(key)
+        listing = None
+        if not self.cache.workers_at(pod_floor):
+            listing = self._fanout.submit(
+                self.core.list_namespaced_pod,
+                namespace,
+                label_selector=f"{c.LABEL_JOB}={name},{c.LABEL_ROLE}=worker",
+                _preload_content=False,  # plain JSON: client models cost ms per pod
+            )
+        body = self._cached_job(key)
+        metrics.SNAPSHOT_READS.labels("job", "api" if body is None else "cache").inc()
+        if body is None:
+            body = self.get_job(namespace, name)  # raises the job's floor
+        metrics.SNAPSHOT_READS.labels("pods", "api" if listing else "cache").inc()
+        raw = _json(listing.result()) if listing is not None else None
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         job = DDLJob.model_validate(body)
-        owned = [p for p in raw_pods if owned_by(p, job.metadata.uid)]
-        return Snapshot(
-            job=job,
-            body=body,
-            pods=[worker_view(p) for p in owned],
-            nodes=self.node_infos(job),
-            uids={p["metadata"]["name"]: p["metadata"]["uid"] for p in owned},
-        )
+        uid = job.metadata.uid
+        if raw is None:
+            workers = self.cache.worker_pods(key, uid)
+            pods, uids = [w.view for w in workers], {w.view.name: w.uid for w in workers}
+        else:
+            version = raw.get("metadata", {}).get("resourceVersion")
+            self._saw(self._pod_floor, key, version, read=True)
+            owned = [p for p in raw["items"] if owned_by(p, uid)]
+            pods = [worker_view(p) for p in owned]
+            uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in owned}
+        return Snapshot(job=job, body=body, pods=pods, nodes=self.node_infos(job), uids=uids)
 
     def node_infos(self, job: DDLJob) -> list[NodeInfo]:
         """Every node with its free GPUs, from the cache (no listing): bound pods, and pods
@@ -171,14 +258,16 @@ class Kube:
         write based on a stale read fail with 409 (and retry) instead of clobbering.
         """
         meta = body["metadata"]
-        written: dict[str, Any] = self.custom.replace_namespaced_custom_object_status(
-            c.GROUP,
-            c.VERSION,
-            meta["namespace"],
-            c.PLURAL,
-            meta["name"],
-            {**body, "status": status},
-        )
+        with self._writing_job(body):
+            written: dict[str, Any] = self.custom.replace_namespaced_custom_object_status(
+                c.GROUP,
+                c.VERSION,
+                meta["namespace"],
+                c.PLURAL,
+                meta["name"],
+                {**body, "status": status},
+            )
+        self._job_at(written)
         version: str = written["metadata"]["resourceVersion"]
         return version
 
@@ -197,15 +286,17 @@ class Kube:
         changes = {**(patch.get("metadata") or {})}
         if meta.get("resourceVersion"):
             changes["resourceVersion"] = meta["resourceVersion"]
-        written: dict[str, Any] = self.custom.patch_namespaced_custom_object(
-            c.GROUP,
-            c.VERSION,
-            meta["namespace"],
-            c.PLURAL,
-            meta["name"],
-            {**patch, "metadata": changes},
-            _content_type="application/merge-patch+json",
-        )
+        with self._writing_job(body):
+            written: dict[str, Any] = self.custom.patch_namespaced_custom_object(
+                c.GROUP,
+                c.VERSION,
+                meta["namespace"],
+                c.PLURAL,
+                meta["name"],
+                {**patch, "metadata": changes},
+                _content_type="application/merge-patch+json",
+            )
+        self._job_at(written)
         return written
 
     def apply(
@@ -225,14 +316,16 @@ class Kube:
             # Before the pods: a pod naming a missing service account is refused.
             self.ensure_worker_identity(ns, *worker_identity)
 
-        def create(manifest: dict[str, Any]) -> None:
+        def create(manifest: dict[str, Any]) -> str | None:
             try:
-                _discard(self.core.create_namespaced_pod(ns, manifest, _preload_content=False))
+                created = self.core.create_namespaced_pod(ns, manifest, _preload_content=False)
+                return _version(created)
             except ApiException as err:
                 if err.status != 409:  # already there: an earlier pass made it
                     raise
+                return None
 
-        def place(step: tuple[str, Mapping[str, Any]]) -> None:
+        def place(step: tuple[str, Mapping[str, Any]]) -> str | None:
             # A merge patch replaces the gate list as a whole (the gate is lifted).
             patched = self.core.patch_namespaced_pod(
                 step[0],
@@ -241,24 +334,28 @@ class Kube:
                 _content_type="application/merge-patch+json",
                 _preload_content=False,
             )
-            _discard(patched)
+            return _version(patched)
 
-        def delete(name: str) -> None:
+        def delete(name: str) -> str | None:
             try:
                 deleted = self.core.delete_namespaced_pod(
                     name, ns, grace_period_seconds=_grace(snap, name), _preload_content=False
                 )
-                _discard(deleted)
+                return _version(deleted)
             except ApiException as err:
                 if err.status != 404:
                     raise
+                return None
 
         creates, patches = pinned_creates(plan.create, plan.place)
-        self._each(create, creates)
-        if service is not None:
-            service.result()  # the workers' Service, made alongside them
-        self._each(place, patches)
-        self._each(delete, plan.delete)
+        key = (ns, job.metadata.name)
+        with self._unseen_on_error(self._pod_floor, key):
+            for version in self._each(create, creates):
+                self._saw(self._pod_floor, key, version)
+            if service is not None:
+                service.result()  # the workers' Service, made alongside them
+            for version in [*self._each(place, patches), *self._each(delete, plan.delete)]:
+                self._saw(self._pod_floor, key, version)
         body = snap.body
         if plan.annotations:  # the job's own metadata; the status is written over the result
             body = self.patch_annotations(body, plan.annotations)
@@ -270,16 +367,16 @@ class Kube:
             self._fanout.submit(self.post_events, snap.body, plan.events)
         return written
 
-    def _each(self, call: Callable[[T], None], items: Sequence[T]) -> None:
-        """`call` on every item at once; once all are done, the first error is raised."""
+    def _each(self, call: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """`call` on every item at once; once all are done, their results, or the first
+        error raised."""
         if len(items) <= 1:
-            for item in items:
-                call(item)
-            return
+            return [call(item) for item in items]
         futures = [self._fanout.submit(call, item) for item in items]
         errors = [err for f in futures if (err := f.exception()) is not None]
         if errors:
             raise errors[0]
+        return [f.result() for f in futures]
 
     def ensure_worker_identity(self, namespace: str, account: str, cluster_role: str) -> None:
         """The workers' ServiceAccount and its RoleBinding to the chart's worker role."""
@@ -372,10 +469,12 @@ def _json(response: Any) -> Any:
         response.release_conn()
 
 
-def _discard(response: Any) -> None:
-    """Done with a raw response whose body is not needed."""
-    response.drain_conn()
-    response.release_conn()
+def _version(response: Any) -> str | None:
+    """The resourceVersion of the object a raw write response carries."""
+    body = _json(response)
+    meta = (body.get("metadata") if isinstance(body, dict) else None) or {}
+    version = meta.get("resourceVersion")
+    return str(version) if version else None
 
 
 def worker_pod_view(pod: Any) -> WorkerPod:

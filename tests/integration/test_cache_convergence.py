@@ -17,7 +17,14 @@ from kubernetes import client
 from ddl_localcluster.controlplane import ControlPlane
 from ddl_operator.api import constants as c
 from ddl_operator.apiclient import load_client
-from ddl_operator.cache import ACTIVE_PODS, Callbacks, ClusterCache
+from ddl_operator.cache import (
+    ACTIVE_PODS,
+    WORKER_PODS,
+    Callbacks,
+    ClusterCache,
+    Worker,
+    worker_record,
+)
 from ddl_operator.core.ledger import NodeFacts, PodCharge, PodKey, node_facts, pod_charge, pod_key
 
 from kubetools import Kubectl, fake_node
@@ -133,7 +140,8 @@ class ExpiringApi(client.CoreV1Api):  # type: ignore[misc]
         return self._call("nodes", super().list_node, kwargs)
 
     def list_pod_for_all_namespaces(self, **kwargs: Any) -> Any:
-        return self._call("pods", super().list_pod_for_all_namespaces, kwargs)
+        kind = "workers" if kwargs.get("label_selector") == WORKER_PODS else "pods"
+        return self._call(kind, super().list_pod_for_all_namespaces, kwargs)
 
 
 @pytest.fixture
@@ -176,21 +184,30 @@ def cache(cache_api: ExpiringApi, heard: dict[str, list[Any]]) -> Iterator[Clust
     cached.stop()
 
 
-def truth(api: client.CoreV1Api) -> tuple[dict[str, NodeFacts], dict[PodKey, PodCharge]]:
-    """What a fresh list says, through the same pure translations."""
+def truth(
+    api: client.CoreV1Api,
+) -> tuple[dict[str, NodeFacts], dict[PodKey, PodCharge], dict[PodKey, Worker]]:
+    """What fresh lists say, through the same pure translations."""
     nodes = json.loads(api.list_node(_preload_content=False).data)["items"]
     pods = json.loads(
         api.list_pod_for_all_namespaces(field_selector=ACTIVE_PODS, _preload_content=False).data
     )["items"]
     charges = {pod_key(p): ch for p in pods if (ch := pod_charge(p)) is not None}
-    return {n["metadata"]["name"]: node_facts(n) for n in nodes}, charges
+    workers = json.loads(
+        api.list_pod_for_all_namespaces(label_selector=WORKER_PODS, _preload_content=False).data
+    )["items"]
+    return (
+        {n["metadata"]["name"]: node_facts(n) for n in nodes},
+        charges,
+        {pod_key(p): worker_record(p) for p in workers},
+    )
 
 
 def converged(cache: ClusterCache, api: client.CoreV1Api) -> Callable[[], str | None]:
     """None once the cache equals a fresh list, else what differs."""
 
     def check() -> str | None:
-        nodes, charges = truth(api)
+        nodes, charges, workers = truth(api)
         usage: dict[str, int] = {}
         for charge in charges.values():
             usage[charge.node] = usage.get(charge.node, 0) + charge.gpus
@@ -200,6 +217,8 @@ def converged(cache: ClusterCache, api: client.CoreV1Api) -> Callable[[], str | 
             return f"pods differ: {sorted(cache.charges().items() ^ charges.items())}"
         if cache.usage() != usage:
             return f"usage differs: {cache.usage()} != {usage}"
+        if cache.workers() != workers:
+            return f"workers differ: {sorted(cache.workers().items() ^ workers.items())}"
         return None
 
     return check
@@ -291,6 +310,7 @@ def test_cache_converges_after_its_watches_break(
             gpu_pod("a", names[0], 4),
             gpu_pod("b", names[0], 2),
             gpu_pod("w0", names[1], 8, worker_of="train"),
+            gpu_pod("w1", names[2], 0, worker_of="train"),
             gpu_pod("cpu", names[2], 0),
             gpu_pod("pending", None, 8),
         ],
@@ -312,17 +332,19 @@ def test_cache_converges_after_its_watches_break(
     )
     kubectl.run("delete", "pod", "b", "-n", namespace, "--grace-period=0", "--force")
     finish(kubectl, namespace, "a")
+    finish(kubectl, namespace, "w1")  # leaves the active pods, stays with its job's workers
     apply_all(kubectl, namespace, [gpu_pod("c", f"c{tag}-new", 3)])
     time.sleep(2)  # the cache's retries meet a closed door meanwhile
     proxy.restore()
     wait_converged(cache, direct)
     assert names[0] not in cache.usage()
     assert cache.usage()[f"c{tag}-new"] == 3
+    assert cache.workers()[(namespace, "w1")].view.phase == "Succeeded"
 
     # 2. Cut again, and the watches that resume are told 410 Gone: the events missed
     #    meanwhile are never replayed, so only a relist can bring in what changed.
-    lists_before = cache.relists("nodes"), cache.relists("pods")
-    cache_api.armed.update({"nodes", "pods"})
+    lists_before = cache.relists("nodes"), cache.relists("pods"), cache.relists("workers")
+    cache_api.armed.update({"nodes", "pods", "workers"})
     proxy.sever()
     kubectl.run("delete", "node", names[2])
     kubectl.run("delete", "pod", "w0", "-n", namespace, "--grace-period=0", "--force")
@@ -331,8 +353,10 @@ def test_cache_converges_after_its_watches_break(
     wait_converged(cache, direct)
     assert cache.relists("nodes") > lists_before[0]
     assert cache.relists("pods") > lists_before[1]
-    assert not cache_api.armed, "both watches resumed after the break"
-    assert set(heard["relisted"]) >= {"nodes", "pods"}
+    assert cache.relists("workers") > lists_before[2]
+    assert not cache_api.armed, "every watch resumed after the break"
+    assert set(heard["relisted"]) >= {"nodes", "pods", "workers"}
+    assert (namespace, "w0") not in cache.workers()
     assert cache.usage()[names[1]] == 1
     assert names[1] in {n for freed in heard["freed"] for n in freed}
 

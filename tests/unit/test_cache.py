@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ddl_operator.cache import ACTIVE_PODS, Callbacks, ClusterCache
+from ddl_operator.cache import ACTIVE_PODS, WORKER_PODS, Callbacks, ClusterCache
 from ddl_operator.core.ledger import PodCharge
 
 from fakeapi import FakeCoreApi, make_node, make_pod
@@ -60,12 +60,27 @@ def cache(api: FakeCoreApi, heard: Heard) -> Iterator[ClusterCache]:
     cached.stop()
 
 
-def test_first_sync_pages_through_both_lists(api: FakeCoreApi, cache: ClusterCache) -> None:
+def active_pod_calls(api: FakeCoreApi, watch: bool) -> list[dict[str, object]]:
+    """The calls of the active-pods stream (the worker stream lists pods too)."""
+    return [
+        kw
+        for kind, kw in api.calls
+        if kind == "pods"
+        and kw.get("field_selector") == ACTIVE_PODS
+        and bool(kw.get("watch")) == watch
+    ]
+
+
+def test_first_sync_pages_through_the_lists(api: FakeCoreApi, cache: ClusterCache) -> None:
     assert cache.usage() == {"n0": 6, "n2": 8}
     assert cache.jobs_on("n2") == {("ml", "train")}
     assert set(cache.nodes()) == {"n0", "n1", "n2", "n3"}
-    pod_lists = [kw for kind, kw in api.calls if kind == "pods" and not kw.get("watch")]
-    assert len(pod_lists) == 2 and all(kw["field_selector"] == ACTIVE_PODS for kw in pod_lists)
+    assert len(active_pod_calls(api, watch=False)) == 2
+    worker_lists = [
+        kw for kind, kw in api.calls if kind == "pods" and kw.get("label_selector") == WORKER_PODS
+    ]
+    assert len(worker_lists) == 2, "one page, then the watch"
+    assert [w.view.name for w in cache.worker_pods(("ml", "train"), "job-uid")] == ["w0"]
     assert "cpu" not in {name for _, name in cache.charges()}, "pods without GPUs are not kept"
     free = {n.name: n.free for n in cache.node_infos(node_selector={"zone": "z1"})}
     assert free == {"n0": 2, "n1": 8, "n2": 0, "n3": 0}
@@ -98,8 +113,8 @@ def test_410_gone_relists_and_an_ended_watch_resumes(
     api.push("pods", "ADDED", make_pod("c", node="n3", gpus=3, uid="uc2"))
     eventually(lambda: cache.usage().get("n3") == 3)
     api.end_watch("pods")  # the server's timeout: resume from the last version seen
-    eventually(lambda: sum(1 for k, kw in api.calls if k == "pods" and kw.get("watch")) == 2)
-    resumed = [kw for k, kw in api.calls if k == "pods" and kw.get("watch")][-1]
+    eventually(lambda: len(active_pod_calls(api, watch=True)) == 2)
+    resumed = active_pod_calls(api, watch=True)[-1]
     assert resumed["resource_version"] == str(api.version)
     assert cache.relists("pods") == 1
     # Meanwhile a pod went away unseen, then the watch is told its version expired.
@@ -107,7 +122,8 @@ def test_410_gone_relists_and_an_ended_watch_resumes(
     api.push_raw("pods", {"type": "ERROR", "object": {"kind": "Status", "code": 410}})
     eventually(lambda: cache.relists("pods") == 2)
     eventually(lambda: cache.usage()["n0"] == 4)
-    assert heard.relisted == ["pods"]
+    # The worker watch got the 410 too (every open pod watch did): it relists as well.
+    eventually(lambda: sorted(heard.relisted) == ["pods", "workers"])
 
 
 def test_a_reservation_counts_until_its_event_or_its_expiry(api: FakeCoreApi) -> None:

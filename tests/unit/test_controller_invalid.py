@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from fakeruntime import fake_runtime
+from fakeruntime import JobWatchSink, fake_runtime
 from kubernetes import client
 
 from ddl_operator import controller
@@ -23,7 +23,7 @@ from ddl_operator.runtime import Runtime
 from builders import make_ddljob, set_path
 
 
-class FakeKube:
+class FakeKube(JobWatchSink):
     """Serves one snapshot; records plans; refuses pod creation with `refusal` if set."""
 
     def __init__(self, manifest: dict[str, Any], refusal: dict[str, Any] | None = None) -> None:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from fakeruntime import fake_runtime
+from fakeruntime import JobWatchSink, fake_runtime
 
 from ddl_operator import controller
 from ddl_operator.api import constants as c
@@ -27,7 +27,7 @@ KEY = ("ml", "job")
 HIGH = "high"
 
 
-class FakeKube:
+class FakeKube(JobWatchSink):
     """Serves one job with one gated worker (1 x 8 GPUs) on `nodes`; records writes."""
 
     def __init__(self, nodes: list[NodeInfo], klass: str = "") -> None:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from fakeruntime import fake_runtime
+from fakeruntime import JobWatchSink, fake_runtime
 from kubernetes import client
 
 from ddl_operator import controller
@@ -232,7 +232,7 @@ def test_the_condition_is_written_once_per_message_and_news_once_per_reason() ->
     assert third is not None and third[1]
 
 
-class FakeKube:
+class FakeKube(JobWatchSink):
     """The API edge: jobs by name; `failing` names make every read raise `error`."""
 
     def __init__(self, names: list[str], error: Exception) -> None:
