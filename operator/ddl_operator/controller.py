@@ -710,10 +710,13 @@ def _build(settings: Settings, loop: asyncio.AbstractEventLoop) -> Runtime:
 
     served = frozenset(settings.namespaces)
 
-    def enqueue(keys: Iterable[JobKey], lane: int = URGENT) -> None:
+    def serves(key: JobKey) -> bool:
         # The cache sees worker pods of every namespace; a namespaced operator serves its own.
+        return not served or key[0] in served
+
+    def enqueue(keys: Iterable[JobKey], lane: int = URGENT) -> None:
         for key in keys:
-            if not served or key[0] in served:
+            if serves(key):
                 rt.queue.add(key, lane)
 
     wake_due: list[asyncio.TimerHandle] = []
@@ -742,7 +745,7 @@ def _build(settings: Settings, loop: asyncio.AbstractEventLoop) -> Runtime:
         loop.call_soon_threadsafe(wake_waiting)
 
     def batched(key: JobKey) -> None:
-        if not served or key[0] in served:
+        if serves(key):
             rt.queue.add_after(key, EVENT_BATCH_SECONDS)
 
     def worker_event(job: JobKey) -> None:

@@ -31,6 +31,7 @@ from ddl_operator import metrics
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
 from ddl_operator.cache import ClusterCache
+from ddl_operator.core.ledger import pod_key as object_key  # (namespace, name) of any object
 from ddl_operator.core.podview import owned_by, worker_view
 from ddl_operator.core.reconcile import Event, Plan, WorkerPod
 from ddl_operator.core.render import headless_service, pinned_creates
@@ -108,10 +109,8 @@ class Kube:
 
     def observe_job(self, body: Mapping[str, Any]) -> None:
         """The DDLJob watch's latest body of a job (called for each event)."""
-        meta = body.get("metadata") or {}
-        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
         with self._known:
-            self._bodies[key] = copy.deepcopy(dict(body))
+            self._bodies[object_key(body)] = copy.deepcopy(dict(body))
 
     def forget_job(self, key: JobKey) -> None:
         with self._known:
@@ -133,14 +132,17 @@ class Kube:
                 floors[key] = raised
 
     def _job_at(self, body: Mapping[str, Any], read: bool = False) -> None:
-        meta = body.get("metadata") or {}
-        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
-        self._saw(self._job_floor, key, meta.get("resourceVersion"), read)
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        self._saw(self._job_floor, object_key(body), version, read)
 
-    def _writing_job(self, body: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]:
-        meta = body.get("metadata") or {}
-        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
-        return self._unseen_on_error(self._job_floor, key)
+    def _write_job(
+        self, body: Mapping[str, Any], write: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """One write to the job `body` was read as; its result raises the job's floor."""
+        with self._unseen_on_error(self._job_floor, object_key(body)):
+            written = write()
+        self._job_at(written)
+        return written
 
     @contextlib.contextmanager
     def _unseen_on_error(self, floors: dict[JobKey, str], key: JobKey) -> Iterator[None]:
@@ -258,16 +260,17 @@ class Kube:
         write based on a stale read fail with 409 (and retry) instead of clobbering.
         """
         meta = body["metadata"]
-        with self._writing_job(body):
-            written: dict[str, Any] = self.custom.replace_namespaced_custom_object_status(
+        written = self._write_job(
+            body,
+            lambda: self.custom.replace_namespaced_custom_object_status(
                 c.GROUP,
                 c.VERSION,
                 meta["namespace"],
                 c.PLURAL,
                 meta["name"],
                 {**body, "status": status},
-            )
-        self._job_at(written)
+            ),
+        )
         version: str = written["metadata"]["resourceVersion"]
         return version
 
@@ -286,8 +289,9 @@ class Kube:
         changes = {**(patch.get("metadata") or {})}
         if meta.get("resourceVersion"):
             changes["resourceVersion"] = meta["resourceVersion"]
-        with self._writing_job(body):
-            written: dict[str, Any] = self.custom.patch_namespaced_custom_object(
+        return self._write_job(
+            body,
+            lambda: self.custom.patch_namespaced_custom_object(
                 c.GROUP,
                 c.VERSION,
                 meta["namespace"],
@@ -295,9 +299,8 @@ class Kube:
                 meta["name"],
                 {**patch, "metadata": changes},
                 _content_type="application/merge-patch+json",
-            )
-        self._job_at(written)
-        return written
+            ),
+        )
 
     def apply(
         self, snap: Snapshot, plan: Plan, worker_identity: tuple[str, str] | None = None
