@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import math
 import re
@@ -29,15 +30,17 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
+from kubernetes.watch.watch import iter_resp_lines
 from scheduler_compare import install_crds, kubectl, node_doc, pod_doc, start_kwok, start_operator
 
 from ddl_localcluster.controlplane import ControlPlane, free_port, wait_for
+from ddl_operator.api.constants import GROUP, PLURAL, VERSION
 
 ZONES, RACKS_PER_ZONE = 4, 10
 GPUS_PER_NODE = 8
@@ -143,6 +146,75 @@ class WriteProbe:
         self._thread.join(timeout=30)
 
 
+Lister = Callable[..., Any]
+
+
+def watch_until(
+    lister: Lister, what: str, done: Callable[[Mapping[str, Any]], bool], timeout: float
+) -> None:
+    """List, then watch from that list, until `done(objects by name)`.
+
+    The timed waits watch rather than poll: polling with kubectl forks a process and lists
+    the namespace every time, on the same two cores the operator and the cluster run on,
+    and the heavier the objects (a DDLJob's status), the more the observer slows the observed.
+    """
+    deadline = time.monotonic() + timeout
+    objects, version = _listed(lister)
+    while not done(objects):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        resp = lister(
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=max(1, int(min(left, 30))),
+            _preload_content=False,
+        )
+        try:
+            for line in iter_resp_lines(resp):
+                if not line:
+                    continue
+                event = json.loads(line)
+                obj, kind = event["object"], event["type"]
+                if kind == "ERROR":
+                    if obj.get("code") != 410:
+                        raise RuntimeError(f"watch for {what}: {obj.get('message')}")
+                    objects, version = _listed(lister)  # the version expired: list again
+                    break
+                version = obj["metadata"]["resourceVersion"]
+                if kind == "DELETED":
+                    objects.pop(obj["metadata"]["name"], None)
+                elif kind != "BOOKMARK":
+                    objects[obj["metadata"]["name"]] = obj
+                if done(objects):
+                    return
+        finally:
+            resp.close()
+            resp.release_conn()
+
+
+def _listed(lister: Lister) -> tuple[dict[str, Any], str]:
+    listed = json.loads(lister(_preload_content=False).data)
+    return {o["metadata"]["name"]: o for o in listed["items"]}, listed["metadata"][
+        "resourceVersion"
+    ]
+
+
+def pods_running(cp: ControlPlane, ns: str, timeout: float) -> None:
+    """Until `ns` has pods and every one is Running (watched, see watch_until)."""
+    api = client.CoreV1Api(config.new_client_from_config(str(cp.kubeconfig)))
+
+    def done(pods: Mapping[str, Any]) -> bool:
+        return bool(pods) and all(
+            (p.get("status") or {}).get("phase") == "Running" for p in pods.values()
+        )
+
+    watch_until(
+        functools.partial(api.list_namespaced_pod, ns), f"every pod of {ns} running", done, timeout
+    )
+
+
 def count(cp: ControlPlane, *args: str) -> int:
     out = kubectl(cp, "get", *args, "-o", "name")
     return len(out.split())
@@ -232,7 +304,7 @@ def time_stock_gang(cp: ControlPlane, ns: str, tag: str, workers: int) -> float:
     pods = [pod_doc(f"{tag}-w{i}", ns, GPUS_PER_NODE) for i in range(workers)]
     started = time.monotonic()
     create_all(cp, pods, parallel=1)
-    wait_all_running(cp, ns, timeout=600)
+    pods_running(cp, ns, timeout=600)
     return time.monotonic() - started
 
 
@@ -247,33 +319,34 @@ def side_by_side(cp: ControlPlane, tag: str, workers: int) -> tuple[float, float
         return ours.result(), stock.result()
 
 
-def running_jobs(cp: ControlPlane, ns: str) -> int:
-    jobs = json.loads(kubectl(cp, "get", "ddlj", "-n", ns, "-o", "json"))["items"]
-    failed = [
-        j["metadata"]["name"] for j in jobs if (j.get("status") or {}).get("phase") == "Failed"
-    ]
+def running_jobs(jobs: Mapping[str, Any], names: Collection[str]) -> bool:
+    """Whether every job of `names` runs with a rendezvous; raises if one failed."""
+    status = {n: (j.get("status") or {}) for n, j in jobs.items() if n in names}
+    failed = sorted(n for n, s in status.items() if s.get("phase") == "Failed")
     if failed:
-        raise RuntimeError(f"DDLJobs failed: {failed}:\n{kubectl(cp, 'get', 'ddlj', '-n', ns)}")
-    return sum(
-        1
-        for j in jobs
-        if (j.get("status") or {}).get("phase") == "Running"
-        and (j["status"].get("rendezvous") or {}).get("workers")
+        raise RuntimeError(f"DDLJobs failed: {failed}: {[status[n] for n in failed]}")
+    return len(status) == len(names) and all(
+        s.get("phase") == "Running" and (s.get("rendezvous") or {}).get("workers")
+        for s in status.values()
     )
 
 
 def time_jobs(cp: ControlPlane, ns: str, jobs: Sequence[dict[str, Any]], timeout: float) -> float:
-    """Apply `jobs` at once; seconds until all of them run with a rendezvous."""
-    already = running_jobs(cp, ns)
+    """Apply `jobs` at once; seconds until all of them run with a rendezvous (watched)."""
+    api = client.CustomObjectsApi(config.new_client_from_config(str(cp.kubeconfig)))
+    names = {j["metadata"]["name"] for j in jobs}
     body = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(jobs)})
     started = time.monotonic()
     kubectl(cp, "create", "-f", "-", input=body)
-    while running_jobs(cp, ns) < already + len(jobs):
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(
-                f"jobs not running after {timeout}s:\n{kubectl(cp, 'get', 'ddlj', '-n', ns)}"
-            )
-        time.sleep(0.1)
+    try:
+        watch_until(
+            functools.partial(api.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
+            f"{len(names)} DDLJobs of {ns} running",
+            lambda objects: running_jobs(objects, names),
+            timeout,
+        )
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}:\n{kubectl(cp, 'get', 'ddlj', '-n', ns)}") from None
     return time.monotonic() - started
 
 
@@ -354,7 +427,7 @@ def run(cp: ControlPlane, args: argparse.Namespace, more: list[int]) -> int:
     stock_pods = [pod_doc(f"w{i}", "stock", GPUS_PER_NODE) for i in range(gangs)]
     started = time.monotonic()
     create_all(cp, stock_pods, parallel=1)
-    wait_all_running(cp, "stock", timeout=1800)
+    pods_running(cp, "stock", timeout=1800)
     stock_s = time.monotonic() - started
     print(f"stock kube-scheduler: {gangs} pods running in {stock_s:.1f}s", flush=True)
     kubectl(cp, "delete", "namespace", "stock", "--wait=true", "--timeout=280s")

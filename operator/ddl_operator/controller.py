@@ -226,10 +226,13 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
     claims = (not snap.pods and not finished) or any(not p.placed_on for p in snap.pods)
     plan = None if claims or record is not None else decide(snap)
     evictions: list[tuple[Eviction, JobKey]] = []
+    waited = 0.0
     if plan is None or plan.place or plan.create:
         # Decide on capacity read under the lock, and reserve what was chosen before the
         # next job reads it; the API writes happen after the lock is released.
+        waited = time.perf_counter()
         with rt.claim_lock:
+            waited = time.perf_counter() - waited
             snap = replace(snap, nodes=kube.node_infos(snap.job))
             demand, slot = _queue_slot(rt, snap, priorities, now, record is not None)
             plan = decide(snap, slot)
@@ -253,7 +256,8 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         plan.events.append(Event("Normal" if ok else "Warning", kueue.JOB_CONDITION, message))
     if queued is not None and queued.holds:
         plan.requeue_after = min(plan.requeue_after or KUEUE_RECHECK_SECONDS, KUEUE_RECHECK_SECONDS)
-    metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    metrics.PLACEMENT_SECONDS.observe(t1 - t0)
     identity = (
         (settings.worker_service_account, settings.worker_cluster_role)
         if settings.worker_service_account and settings.worker_cluster_role
@@ -273,6 +277,14 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         plan = replace(plan, create=[], place=[p for p in plan.place if p[0] not in refused])
         _refuse(rt, snap, plan.status, errors, now, CHILD_REFUSED, plan.events, plan, identity)
         return Outcome()
+    log.debug(
+        "%s/%s: decided in %.0f ms (%.0f waiting for the claim lock), wrote in %.0f ms",
+        namespace,
+        name,
+        (t1 - t0) * 1000,
+        waited * 1000,
+        (time.perf_counter() - t1) * 1000,
+    )
     if written is not None and _at_rest(decide, snap, plan):
         rt.echoes[key] = written
     status = plan.status
