@@ -22,6 +22,7 @@ import concurrent.futures
 import functools
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -40,13 +41,15 @@ from kubernetes.watch.watch import iter_resp_lines
 from scheduler_compare import install_crds, kubectl, node_doc, pod_doc, start_kwok, start_operator
 
 from ddl_localcluster.controlplane import ControlPlane, free_port, wait_for
-from ddl_operator.api.constants import GROUP, PLURAL, VERSION
+from ddl_operator.api.constants import GROUP, LABEL_JOB, PLURAL, VERSION
 
 ZONES, RACKS_PER_ZONE = 4, 10
 GPUS_PER_NODE = 8
 # Goals from the issue, for this 2-core machine.
 GOAL_RATIO, GOAL_EXTRA_S, GOAL_P99_S, GOAL_RSS_MB = 2.0, 3.0, 0.100, 300.0
 PASS_METRIC = "ddl_operator_reconcile_seconds"
+# A pass's decision: the wait for the claim lock, placement and the claim; no API calls.
+DECISION_METRIC = "ddl_operator_placement_seconds"
 
 
 @dataclass
@@ -101,6 +104,43 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
 
 
+def cpu_by_component(cp: ControlPlane) -> dict[str, float]:
+    """CPU seconds used so far by each process of the control plane, and by this bench."""
+    used = {name: cpu_seconds(pid) for name, pid in cp.running().items()}
+    return {**used, "bench": sum(os.times()[:2])}
+
+
+def cpu_share(before: Mapping[str, float], after: Mapping[str, float], seconds: float) -> str:
+    """Who used the CPU between two `cpu_by_component` readings, busiest first."""
+    used = {name: after[name] - before.get(name, 0.0) for name in after}
+    busy = sorted(used.items(), key=lambda item: -item[1])
+    parts = ", ".join(f"{name} {s:.1f}" for name, s in busy if s >= 0.05)
+    return f"CPU s in {seconds:.1f} s on {os.cpu_count()} cores: {parts}"
+
+
+def api_requests(cp: ControlPlane) -> dict[tuple[str, str], float]:
+    """The API server's request counts so far by (verb, resource), from its /metrics."""
+    text = kubectl(cp, "get", "--raw", "/metrics")
+    counts: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+        resource = "/".join(x for x in (labels.get("resource"), labels.get("subresource")) if x)
+        key = (labels.get("verb", ""), resource)
+        counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def busiest_requests(
+    before: Mapping[tuple[str, str], float], after: Mapping[tuple[str, str], float]
+) -> str:
+    """The ten request kinds the API server served most between two readings."""
+    diff = {k: n - before.get(k, 0.0) for k, n in after.items()}
+    top = sorted(((n, k) for k, n in diff.items() if n >= 1), reverse=True)[:10]
+    return ", ".join(f"{verb} {resource} {n:.0f}" for n, (verb, resource) in top)
+
+
 def create_all(cp: ControlPlane, docs: Sequence[dict[str, Any]], parallel: int = 6) -> None:
     """`kubectl create` in a few parallel processes (one per chunk)."""
     if not docs:
@@ -150,9 +190,14 @@ Lister = Callable[..., Any]
 
 
 def watch_until(
-    lister: Lister, what: str, done: Callable[[Mapping[str, Any]], bool], timeout: float
+    lister: Lister,
+    what: str,
+    done: Callable[[Mapping[str, Any]], bool],
+    timeout: float,
+    listed: threading.Event | None = None,
 ) -> None:
-    """List, then watch from that list, until `done(objects by name)`.
+    """List, then watch from that list, until `done(objects by name)`; sets `listed` once
+    the first list is in (what is created after that is seen as it comes).
 
     The timed waits watch rather than poll: polling with kubectl forks a process and lists
     the namespace every time, on the same two cores the operator and the cluster run on,
@@ -160,6 +205,8 @@ def watch_until(
     """
     deadline = time.monotonic() + timeout
     objects, version = _listed(lister)
+    if listed is not None:
+        listed.set()
     while not done(objects):
         left = deadline - time.monotonic()
         if left <= 0:
@@ -201,18 +248,35 @@ def _listed(lister: Lister) -> tuple[dict[str, Any], str]:
     ]
 
 
-def pods_running(cp: ControlPlane, ns: str, timeout: float) -> None:
-    """Until `ns` has pods and every one is Running (watched, see watch_until)."""
+def pods_running(
+    cp: ControlPlane, ns: str, create: Callable[[], None], timeout: float
+) -> tuple[float, PodStages]:
+    """`create()`, then until `ns` has pods and every one is Running, watched from before the
+    create: the seconds that took, and when each pod was bound and ran."""
     api = client.CoreV1Api(config.new_client_from_config(str(cp.kubeconfig)))
+    stages = PodStages()
 
     def done(pods: Mapping[str, Any]) -> bool:
+        stages(pods)
         return bool(pods) and all(
             (p.get("status") or {}).get("phase") == "Running" for p in pods.values()
         )
 
-    watch_until(
-        functools.partial(api.list_namespaced_pod, ns), f"every pod of {ns} running", done, timeout
-    )
+    listed = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        watched = pool.submit(
+            watch_until,
+            functools.partial(api.list_namespaced_pod, ns),
+            f"every pod of {ns} running",
+            done,
+            timeout,
+            listed,
+        )
+        listed.wait(timeout)
+        started = time.monotonic()
+        create()
+        watched.result()
+    return time.monotonic() - started, stages
 
 
 def count(cp: ControlPlane, *args: str) -> int:
@@ -302,10 +366,7 @@ def time_stock_gang(cp: ControlPlane, ns: str, tag: str, workers: int) -> float:
     """One gang's worth of plain pods, bound by kube-scheduler alone, under the same load:
     what the cluster itself takes to start `workers` pods (apply -> all Running)."""
     pods = [pod_doc(f"{tag}-w{i}", ns, GPUS_PER_NODE) for i in range(workers)]
-    started = time.monotonic()
-    create_all(cp, pods, parallel=1)
-    pods_running(cp, ns, timeout=600)
-    return time.monotonic() - started
+    return pods_running(cp, ns, lambda: create_all(cp, pods, parallel=1), 600)[0]
 
 
 def side_by_side(cp: ControlPlane, tag: str, workers: int) -> tuple[float, float]:
@@ -319,35 +380,139 @@ def side_by_side(cp: ControlPlane, tag: str, workers: int) -> tuple[float, float
         return ours.result(), stock.result()
 
 
-def running_jobs(jobs: Mapping[str, Any], names: Collection[str]) -> bool:
-    """Whether every job of `names` runs with a rendezvous; raises if one failed."""
+def running_jobs(jobs: Mapping[str, Any], names: Collection[str]) -> set[str]:
+    """The jobs of `names` that run with a rendezvous; raises if one failed."""
     status = {n: (j.get("status") or {}) for n, j in jobs.items() if n in names}
     failed = sorted(n for n, s in status.items() if s.get("phase") == "Failed")
     if failed:
         raise RuntimeError(f"DDLJobs failed: {failed}: {[status[n] for n in failed]}")
-    return len(status) == len(names) and all(
-        s.get("phase") == "Running" and (s.get("rendezvous") or {}).get("workers")
-        for s in status.values()
-    )
+    return {
+        n
+        for n, s in status.items()
+        if s.get("phase") == "Running" and (s.get("rendezvous") or {}).get("workers")
+    }
 
 
-def time_jobs(cp: ControlPlane, ns: str, jobs: Sequence[dict[str, Any]], timeout: float) -> float:
-    """Apply `jobs` at once; seconds until all of them run with a rendezvous (watched)."""
-    api = client.CustomObjectsApi(config.new_client_from_config(str(cp.kubeconfig)))
-    names = {j["metadata"]["name"] for j in jobs}
-    body = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(jobs)})
-    started = time.monotonic()
-    kubectl(cp, "create", "-f", "-", input=body)
-    try:
-        watch_until(
-            functools.partial(api.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL),
-            f"{len(names)} DDLJobs of {ns} running",
-            lambda objects: running_jobs(objects, names),
-            timeout,
+class FirstSeen:
+    """When each of `names` was first seen done, for watch_until's predicate."""
+
+    def __init__(self, names: Collection[str], done: Callable[[Mapping[str, Any]], set[str]]):
+        self.names, self.done = set(names), done
+        self.at: dict[str, float] = {}
+
+    def __call__(self, objects: Mapping[str, Any]) -> bool:
+        now = time.monotonic()
+        for name in self.done(objects) - self.at.keys():
+            self.at[name] = now
+        return self.names <= self.at.keys()
+
+
+class PodStages:
+    """When each pod was first seen created, bound to a node and Running (a watch predicate's
+    side effect), so a wait splits into kube-scheduler's part and kwok's."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[float | None]] = {}
+        self.versions: dict[str, set[str]] = {}
+
+    def __call__(self, pods: Mapping[str, Any]) -> bool:
+        """Stamps what is new; never done by itself (False)."""
+        now = time.monotonic()
+        for name, pod in pods.items():
+            stamps = self.seen.setdefault(name, [now, None, None])
+            self.versions.setdefault(name, set()).add(pod["metadata"]["resourceVersion"])
+            if stamps[1] is None and (pod.get("spec") or {}).get("nodeName"):
+                stamps[1] = now
+            if stamps[2] is None and (pod.get("status") or {}).get("phase") == "Running":
+                stamps[2] = now
+        return False
+
+    def summary(self) -> str:
+        bound: list[float] = []
+        ran: list[float] = []
+        for created, bound_at, running_at in self.seen.values():
+            if bound_at is not None and running_at is not None and created is not None:
+                bound.append(bound_at - created)
+                ran.append(running_at - bound_at)
+        writes = statistics.median(len(v) for v in self.versions.values()) if self.versions else 0
+        return (
+            f"created -> bound {_spread(bound)}; bound -> Running {_spread(ran)}; "
+            f"{writes:g} versions per pod (p50)"
         )
-    except RuntimeError as err:
-        raise RuntimeError(f"{err}:\n{kubectl(cp, 'get', 'ddlj', '-n', ns)}") from None
-    return time.monotonic() - started
+
+
+def _spread(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    return f"p50 {statistics.median(values):.2f}s, max {max(values):.2f}s"
+
+
+def gangs_running(pods: Mapping[str, Any], sizes: Mapping[str, int]) -> set[str]:
+    """The jobs of `sizes` whose worker pods are all there and Running."""
+    running: dict[str, int] = {}
+    for pod in pods.values():
+        job = str((pod["metadata"].get("labels") or {}).get(LABEL_JOB))
+        if job in sizes and (pod.get("status") or {}).get("phase") == "Running":
+            running[job] = running.get(job, 0) + 1
+    return {job for job, n in running.items() if n >= sizes[job]}
+
+
+def time_jobs(
+    cp: ControlPlane,
+    ns: str,
+    jobs: Sequence[dict[str, Any]],
+    timeout: float,
+    say: Callable[[str], None] = lambda _: None,
+) -> float:
+    """Apply `jobs` at once; seconds until all of them run with a rendezvous (watched).
+
+    `say` hears how long the create took (kubectl creates a List's items one by one, so the
+    last job arrives that much after the first) and, from a watch of the jobs' pods beside
+    that of the jobs, how long after its last pod turned Running each job did: the part of
+    the wait that is the operator's, not the cluster's (kube-scheduler, kwok)."""
+    api_client = config.new_client_from_config(str(cp.kubeconfig))
+    jobs_api, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
+    names = {j["metadata"]["name"] for j in jobs}
+    sizes = {j["metadata"]["name"]: int(j["spec"]["replicas"]) for j in jobs}
+    pods_seen = FirstSeen(names, lambda pods: gangs_running(pods, sizes))
+    jobs_seen = FirstSeen(names, lambda objects: running_jobs(objects, names))
+    stages = PodStages()
+    body = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(jobs)})
+    listed = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pods = pool.submit(
+            watch_until,
+            functools.partial(core.list_namespaced_pod, ns),
+            f"the pods of {len(names)} DDLJobs of {ns} running",
+            lambda objects: stages(objects) or pods_seen(objects),
+            timeout,
+            listed,
+        )
+        listed.wait(timeout)
+        started = time.monotonic()
+        kubectl(cp, "create", "-f", "-", input=body)
+        say(f"{len(jobs)} DDLJobs created in {time.monotonic() - started:.1f}s (kubectl, in turn)")
+        try:
+            watch_until(
+                functools.partial(
+                    jobs_api.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL
+                ),
+                f"{len(names)} DDLJobs of {ns} running",
+                jobs_seen,
+                timeout,
+            )
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}:\n{kubectl(cp, 'get', 'ddlj', '-n', ns)}") from None
+        total = time.monotonic() - started
+        pods.result()
+    lags = sorted(jobs_seen.at[n] - pods_seen.at[n] for n in names)
+    say(
+        f"  a job Running after its last pod did: p50 {statistics.median(lags):.2f}s, "
+        f"max {lags[-1]:.2f}s; all pods Running {max(pods_seen.at.values()) - started:.1f}s "
+        f"after the create"
+    )
+    say(f"  pods: {stages.summary()}")
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,20 +590,28 @@ def run(cp: ControlPlane, args: argparse.Namespace, more: list[int]) -> int:
     gangs = args.jobs * args.workers
     kubectl(cp, "create", "namespace", "stock")
     stock_pods = [pod_doc(f"w{i}", "stock", GPUS_PER_NODE) for i in range(gangs)]
-    started = time.monotonic()
-    create_all(cp, stock_pods, parallel=1)
-    pods_running(cp, "stock", timeout=1800)
-    stock_s = time.monotonic() - started
+    used, requests = cpu_by_component(cp), api_requests(cp)
+    stock_s, stages = pods_running(
+        cp, "stock", lambda: create_all(cp, stock_pods, parallel=1), 1800
+    )
     print(f"stock kube-scheduler: {gangs} pods running in {stock_s:.1f}s", flush=True)
+    print(f"  pods: {stages.summary()}", flush=True)
+    print(f"  {cpu_share(used, cpu_by_component(cp), stock_s)}", flush=True)
+    print(f"  requests: {busiest_requests(requests, api_requests(cp))}", flush=True)
     kubectl(cp, "delete", "namespace", "stock", "--wait=true", "--timeout=280s")
 
     kubectl(cp, "create", "namespace", "ours")
     probe = WriteProbe(cp, "ours")
     before = scrape(metrics_port)
+    decided_before = scrape(metrics_port, DECISION_METRIC)
     jobs = [ddljob(f"job{i}", "ours", args.workers, GPUS_PER_NODE) for i in range(args.jobs)]
-    ours_s = time_jobs(cp, "ours", jobs, timeout=3600)
+    used, requests = cpu_by_component(cp), api_requests(cp)
+    ours_s = time_jobs(cp, "ours", jobs, 3600, lambda line: print(line, flush=True))
     print(f"operator: {args.jobs} DDLJobs running in {ours_s:.1f}s", flush=True)
+    print(f"  {cpu_share(used, cpu_by_component(cp), ours_s)}", flush=True)
+    print(f"  requests: {busiest_requests(requests, api_requests(cp))}", flush=True)
     burst = scrape(metrics_port) - before
+    burst_decisions = scrape(metrics_port, DECISION_METRIC) - decided_before
     burst_writes = list(probe.seconds)
     writes = (
         statistics.quantiles(burst_writes, n=100, method="inclusive")
@@ -488,6 +661,10 @@ def run(cp: ControlPlane, args: argparse.Namespace, more: list[int]) -> int:
         ("pass p99 during the burst of jobs", f"{burst.quantile(0.99) * 1000:.0f} ms", ""),
         ("pass p99 after it (one more job, resyncs)",
          f"{(passes - before - burst).quantile(0.99) * 1000:.0f} ms", ""),
+        (f"decision in the burst, p50 ({int(burst_decisions.count)}; no API calls)",
+         f"{burst_decisions.quantile(0.5) * 1000:.0f} ms", ""),
+        ("decision in the burst, p99 (claim lock, placement, claim)",
+         f"{burst_decisions.quantile(0.99) * 1000:.0f} ms", ""),
         (f"one API write during the burst, p50 ({len(burst_writes)} writes)",
          f"{(writes[49] if writes else math.nan) * 1000:.0f} ms", ""),
         ("one API write during the burst, p99",

@@ -246,6 +246,8 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         with rt.claim_lock:
             rt.demands.pop(key, None)
             _file_holder(rt, snap, plan, priorities)
+    t1 = time.perf_counter()
+    metrics.PLACEMENT_SECONDS.observe(t1 - t0)
     for eviction, victim in evictions:
         _mark_victim(rt, key, eviction, victim, now)
     if evictions:
@@ -256,8 +258,6 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
         plan.events.append(Event("Normal" if ok else "Warning", kueue.JOB_CONDITION, message))
     if queued is not None and queued.holds:
         plan.requeue_after = min(plan.requeue_after or KUEUE_RECHECK_SECONDS, KUEUE_RECHECK_SECONDS)
-    t1 = time.perf_counter()
-    metrics.PLACEMENT_SECONDS.observe(t1 - t0)
     identity = (
         (settings.worker_service_account, settings.worker_cluster_role)
         if settings.worker_service_account and settings.worker_cluster_role
