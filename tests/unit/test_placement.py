@@ -573,3 +573,22 @@ def test_a_cluster_with_every_node_full_says_which_has_most_free() -> None:
     assert isinstance(result, Unplaceable)
     assert result.short == "NoNodeFitsWorker"
     assert "most free: 0 on n0" in result.reason
+
+
+@given(clusters())
+def test_a_gang_kept_whole_orders_the_same_on_its_own_nodes(
+    case: tuple[list[NodeInfo], GangRequest],
+) -> None:
+    """A re-form's rank order (every worker kept) depends only on the nodes the workers run
+    on, so reconcile orders a running gang over those alone, not over the whole cluster."""
+    nodes, request = case
+    first = place(nodes, request)
+    if not isinstance(first, Placement):
+        return
+    names = [w.pod or f"new-{w.rank}" for w in first.workers]
+    keep = {name: w.node for name, w in zip(names, first.workers, strict=True)}
+    added = Counter(w.node for w in first.workers if w.pod is None)
+    running = [replace(n, used=n.used + added[n.name] * request.units_per_worker) for n in nodes]
+    whole = replace(request, min_workers=len(keep), max_workers=len(keep), keep=keep)
+    own = [n for n in running if n.name in set(keep.values())]
+    assert place(own, whole) == place(running, whole)

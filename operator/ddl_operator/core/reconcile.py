@@ -1154,6 +1154,10 @@ def _publish(
     """
     keep = {p.name: p.node or p.assigned or "" for p in running}
     request = _request(job, len(running), len(running), keep)
+    # Every worker is kept, so only their nodes matter: ordered among those alone, the ranks
+    # are the same, and a re-form costs the gang's size, not the cluster's.
+    hosts = set(keep.values())
+    nodes = [n for n in nodes if n.name in hosts]
     ordered = place(nodes, request)
     if isinstance(ordered, Unplaceable) and request.required is not None:
         ordered = place(nodes, replace(request, required=None))
