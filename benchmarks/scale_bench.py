@@ -1,7 +1,7 @@
 """The operator at cluster scale against the stock kube-scheduler, on one kwok cluster, in one run.
 
 Run: .venv/bin/python benchmarks/scale_bench.py [--nodes 1000] [--unrelated-pods 3000]
-     [--jobs 40] [--more-unrelated 10000,30000]                       (needs `make k8s`)
+     [--jobs 40] [--more-unrelated 10000,30000] [--breakdown]         (needs `make k8s`)
 
 Builds `--nodes` kwok nodes with 8 GPUs each (4 zones x 10 racks), and `--unrelated-pods`
 ordinary pods bound to them (no GPUs, like daemonsets). Then, in order: the same gang pods
@@ -9,7 +9,12 @@ as plain pods bound by kube-scheduler alone (apply -> all Running); `--jobs` DDL
 `--workers` x 8 GPUs applied at once (apply -> every job Running, with its rendezvous);
 one more job on that load, with one gang's worth of plain pods applied at the same moment.
 Printed: both times and their ratio, the extra job's latency and the plain gang's, reconcile
-pass p50/p99 from the operator's own histogram (its /metrics), and its peak RSS. With
+pass p50/p99 from the operator's own histogram (its /metrics) and its decisions' (the pass
+without API calls), and its peak RSS. For each of the two bursts, where the wait went: CPU
+seconds by process and the API server's busiest request kinds; for the plain pods, and with
+--breakdown for the jobs' too, the pods' created -> bound (kube-scheduler) and bound ->
+Running (kwok) times, and each job's lag after its last pod ran (the operator's own share).
+All timed ends are watched, not polled. With
 --more-unrelated, unrelated pods are added up to each count and one more job and one plain
 gang are timed again, side by side, with the passes of that step, to show what unrelated
 pods cost us and what they cost the cluster itself.
@@ -463,13 +468,15 @@ def time_jobs(
     jobs: Sequence[dict[str, Any]],
     timeout: float,
     say: Callable[[str], None] = lambda _: None,
+    breakdown: bool = False,
 ) -> float:
     """Apply `jobs` at once; seconds until all of them run with a rendezvous (watched).
 
     `say` hears how long the create took (kubectl creates a List's items one by one, so the
-    last job arrives that much after the first) and, from a watch of the jobs' pods beside
-    that of the jobs, how long after its last pod turned Running each job did: the part of
-    the wait that is the operator's, not the cluster's (kube-scheduler, kwok)."""
+    last job arrives that much after the first). With `breakdown`, a watch of the jobs' pods
+    beside that of the jobs also tells how long after its last pod turned Running each job
+    did (the operator's own share of the wait) and the pods' stages; that watch is one more
+    watcher of every pod event, so it is off unless asked for."""
     api_client = config.new_client_from_config(str(cp.kubeconfig))
     jobs_api, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
     names = {j["metadata"]["name"] for j in jobs}
@@ -479,16 +486,18 @@ def time_jobs(
     stages = PodStages()
     body = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(jobs)})
     listed = threading.Event()
+    pods = None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pods = pool.submit(
-            watch_until,
-            functools.partial(core.list_namespaced_pod, ns),
-            f"the pods of {len(names)} DDLJobs of {ns} running",
-            lambda objects: stages(objects) or pods_seen(objects),
-            timeout,
-            listed,
-        )
-        listed.wait(timeout)
+        if breakdown:
+            pods = pool.submit(
+                watch_until,
+                functools.partial(core.list_namespaced_pod, ns),
+                f"the pods of {len(names)} DDLJobs of {ns} running",
+                lambda objects: stages(objects) or pods_seen(objects),
+                timeout,
+                listed,
+            )
+            listed.wait(timeout)
         started = time.monotonic()
         kubectl(cp, "create", "-f", "-", input=body)
         say(f"{len(jobs)} DDLJobs created in {time.monotonic() - started:.1f}s (kubectl, in turn)")
@@ -504,6 +513,8 @@ def time_jobs(
         except RuntimeError as err:
             raise RuntimeError(f"{err}:\n{kubectl(cp, 'get', 'ddlj', '-n', ns)}") from None
         total = time.monotonic() - started
+        if pods is None:
+            return total
         pods.result()
     lags = sorted(jobs_seen.at[n] - pods_seen.at[n] for n in names)
     say(
@@ -530,6 +541,17 @@ def main(argv: list[str] | None = None) -> int:
         "--operator-arg", action="append", default=[], help="passed to the operator"
     )
     parser.add_argument("--operator-log", type=Path, help="copy the operator's log here")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also watch the jobs' pods: their stages and each job's lag after them",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=int,
+        default=40,
+        help="kwok's node lease duration (under the 300 s grace; longer = fewer writes)",
+    )
     args = parser.parse_args(argv)
     more = [int(x) for x in args.more_unrelated.split(",") if x]
     # The jobs, then per row one more job and one stock gang beside it.
@@ -552,9 +574,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(cp: ControlPlane, args: argparse.Namespace, more: list[int]) -> int:
     t_setup = time.monotonic()
     install_crds(cp)
-    # Leases, renewed every few seconds: kwok's default status heartbeat (20-45 s apart)
-    # would let the control plane's 20 s grace period mark busy nodes NotReady.
-    start_kwok(cp, "--node-lease-duration-seconds=40")
+    # Leases, renewed a quarter of their duration apart: kwok's default status heartbeat
+    # (20-45 s apart) would let the control plane's grace period mark busy nodes NotReady.
+    # Each renewal is a write; at thousands of nodes a longer lease keeps them affordable.
+    start_kwok(cp, f"--node-lease-duration-seconds={args.lease_seconds}")
     per_rack = math.ceil(args.nodes / (ZONES * RACKS_PER_ZONE))
     nodes: list[str] = []
     docs = []
@@ -606,7 +629,9 @@ def run(cp: ControlPlane, args: argparse.Namespace, more: list[int]) -> int:
     decided_before = scrape(metrics_port, DECISION_METRIC)
     jobs = [ddljob(f"job{i}", "ours", args.workers, GPUS_PER_NODE) for i in range(args.jobs)]
     used, requests = cpu_by_component(cp), api_requests(cp)
-    ours_s = time_jobs(cp, "ours", jobs, 3600, lambda line: print(line, flush=True))
+    ours_s = time_jobs(
+        cp, "ours", jobs, 3600, lambda line: print(line, flush=True), breakdown=args.breakdown
+    )
     print(f"operator: {args.jobs} DDLJobs running in {ours_s:.1f}s", flush=True)
     print(f"  {cpu_share(used, cpu_by_component(cp), ours_s)}", flush=True)
     print(f"  requests: {busiest_requests(requests, api_requests(cp))}", flush=True)

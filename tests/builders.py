@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
 from ddl_operator.core.reconcile import Plan, WorkerPod, reconcile
-from ddl_operator.core.render import ANNOTATION_NODE, ANNOTATION_PLACED_AT, LABEL_SLOT
+from ddl_operator.core.render import (
+    ANNOTATION_NODE,
+    ANNOTATION_PLACED_AT,
+    LABEL_SLOT,
+    required_terms,
+)
 from ddl_operator.core.topology import NodeInfo
 
 
@@ -137,7 +143,8 @@ class Cluster:
                 report=annotations.get(c.ANNOTATION_REPORT),
             )
         for name, patch in plan.place:
-            node = patch["spec"]["nodeSelector"][c.LABEL_HOSTNAME]
+            node = pinned_node(patch)
+            assert node is not None, patch
             self.pods[name] = replace(
                 self.pods[name],
                 assigned=node,
@@ -171,3 +178,19 @@ class Cluster:
 def cond(cluster: Cluster, type_: str) -> tuple[str, str]:
     found = next(x for x in cluster.job.status.conditions if x.type == type_)
     return found.status, found.message
+
+
+def pinned_node(manifest: Mapping[str, Any]) -> str | None:
+    """The node a pod or placement patch is pinned to (render.placement_patch's pin on
+    metadata.name, in every required node-affinity term), if any."""
+    nodes = set()
+    for term in required_terms(manifest.get("spec") or {}):
+        pins = [
+            f["values"]
+            for f in term.get("matchFields") or []
+            if f.get("key") == "metadata.name" and f.get("operator") == "In"
+        ]
+        if len(pins) != 1 or len(pins[0]) != 1:
+            return None
+        nodes.add(pins[0][0])
+    return str(nodes.pop()) if len(nodes) == 1 else None

@@ -25,9 +25,18 @@ def cluster(kubectl: Kubectl) -> Iterator[FakeCluster]:
     fake.delete()
 
 
-def submit(kubectl: Kubectl, ns: str, fake: FakeCluster, name: str, **kw: Any) -> None:
+def submit(
+    kubectl: Kubectl,
+    ns: str,
+    fake: FakeCluster,
+    name: str,
+    affinity: dict[str, Any] | None = None,
+    **kw: Any,
+) -> None:
     job = make_ddljob(name=name, namespace=ns, **kw)
     job["spec"]["template"]["spec"]["nodeSelector"] = fake.selector
+    if affinity is not None:
+        job["spec"]["template"]["spec"]["affinity"] = affinity
     proc = kubectl.apply(job)
     assert proc.returncode == 0, proc.stderr
 
@@ -107,11 +116,25 @@ def test_job_larger_than_any_rack_stays_gated_and_says_why(
 
 
 def test_competing_jobs_never_half_place(kubectl: Kubectl, namespace: str) -> None:
+    """The loser waits gated and is placed later by a patch: the API server takes the node
+    pin ANDed into each of the template's own required node-affinity terms (ORed)."""
     fake = make_fake_cluster(kubectl, zones=1, racks=1, nodes=4, gpus=8)
+    test_label = {"key": "ddl-test", "operator": "In", "values": [fake.test_id]}
+    absent = {"key": "example.com/no-such-label", "operator": "Exists"}
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [absent]},
+                    {"matchExpressions": [test_label]},
+                ]
+            }
+        }
+    }
     try:
         rack = {"required": "topology.kubernetes.io/rack"}
         for name in ("left", "right"):
-            submit(kubectl, namespace, fake, name, replicas=3, gpus=8, topology=rack)
+            submit(kubectl, namespace, fake, name, affinity, replicas=3, gpus=8, topology=rack)
         deadline = time.monotonic() + 40
         running: list[str] = []
         while time.monotonic() < deadline and not running:
@@ -128,6 +151,13 @@ def test_competing_jobs_never_half_place(kubectl: Kubectl, namespace: str) -> No
         assert all(p["spec"].get("schedulingGates") for p in pods), "loser holds no GPUs"
         kubectl.run("delete", "ddlj", running[0], "-n", namespace)
         wait_for(kubectl, namespace, loser, "{.status.phase}", "Running")
+        for pod in worker_pods(kubectl, namespace, loser):
+            terms = pod["spec"]["affinity"]["nodeAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]["nodeSelectorTerms"]
+            pin = {"key": "metadata.name", "operator": "In", "values": [pod["spec"]["nodeName"]]}
+            assert [t.get("matchFields") for t in terms] == [[pin], [pin]], terms
+            assert [t["matchExpressions"] for t in terms] == [[absent], [test_label]], terms
     finally:
         fake.delete()
 

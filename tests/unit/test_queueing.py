@@ -21,7 +21,7 @@ from ddl_operator.core.queueing import (
 from ddl_operator.core.reconcile import pending_request, reconcile
 from ddl_operator.core.topology import NodeInfo
 
-from builders import T0, Cluster, make_ddljob, rack_nodes
+from builders import T0, Cluster, make_ddljob, pinned_node, rack_nodes
 
 
 def demand(
@@ -324,7 +324,7 @@ def test_reconcile_places_only_where_its_slot_allows_and_says_what_it_waits_for(
     cl.job = cl.job.model_copy(update={"status": plan.status})
     alone = arrange([small], nodes)
     plan = reconcile(cl.job, pods, nodes, cl.now, queue=alone.slots[small.key])
-    assert [p["spec"]["nodeSelector"][c.LABEL_HOSTNAME] for _, p in plan.place] == ["r0-n3"]
+    assert [pinned_node(p) for _, p in plan.place] == ["r0-n3"]
     queued = next(x for x in plan.status.conditions if x.type == "Queued")
     assert (queued.status, queued.reason) == ("False", "Claimed")
 

@@ -12,7 +12,7 @@ from ddl_operator.api.models import DDLJobStatus, Topology
 from ddl_operator.core.reconcile import BIND_DEADLINE_SECONDS
 from ddl_operator.core.render import ANNOTATION_NODE, pinned_creates
 
-from builders import Cluster, cond, make_ddljob, rack_nodes
+from builders import Cluster, cond, make_ddljob, pinned_node, rack_nodes
 
 
 def test_a_gang_that_fits_is_created_pinned_in_one_pass_then_published() -> None:
@@ -21,7 +21,7 @@ def test_a_gang_that_fits_is_created_pinned_in_one_pass_then_published() -> None
     assert len(first.create) == 2 and len(first.place) == 2
     created, patches = pinned_creates(first.create, first.place)
     assert not patches, "nothing left to patch: the pods are created placed"
-    nodes = {m["spec"]["nodeSelector"][c.LABEL_HOSTNAME] for m in created}
+    nodes = {pinned_node(m) for m in created}
     assert len(nodes) == 2 and len({n.split("-")[0] for n in nodes}) == 1, "one rack, two nodes"
     assert all(m["spec"]["schedulingGates"] == [] for m in created)
     assert all(m["metadata"]["annotations"][ANNOTATION_NODE] in nodes for m in created)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
+from ddl_operator.core.podview import worker_view
 from ddl_operator.core.render import (
     ANNOTATION_NODE,
     SHM_VOLUME,
     merge_patch,
     pinned_creates,
     placement_patch,
+    required_terms,
     worker_pod,
 )
 
-from builders import make_ddljob, set_path
+from builders import make_ddljob, pinned_node, set_path
 
 
 def _job(manifest: dict[str, object]) -> DDLJob:
@@ -65,7 +67,8 @@ def test_a_pod_placed_as_it_is_created_keeps_the_users_selector_and_other_gates(
     assert [name for name, _ in patches] == [existing], "only a pod that exists is patched"
     assert created[0] == pods[0], "an unplaced new pod is created as rendered (gated)"
     pinned = created[1]
-    assert pinned["spec"]["nodeSelector"] == {"pool": "a100", c.LABEL_HOSTNAME: "n1"}
+    assert pinned["spec"]["nodeSelector"] == {"pool": "a100"}
+    assert pinned_node(pinned) == "n1"
     assert pinned["spec"]["schedulingGates"] == [{"name": "example.com/quota"}]
     assert pinned["metadata"]["annotations"][ANNOTATION_NODE] == "n1"
     assert pods[1]["spec"]["schedulingGates"][-1] == {"name": c.SCHEDULING_GATE}, "not mutated"
@@ -76,3 +79,45 @@ def test_merge_patch_merges_maps_removes_nulls_and_replaces_the_rest() -> None:
     patch = {"a": {"c": None, "d": {"e": None, "f": 3}}, "l": [3], "k": None}
     assert merge_patch(target, patch) == {"a": {"b": 1, "d": {"f": 3}}, "l": [3]}
     assert target == {"a": {"b": 1, "c": 2}, "l": [1, 2], "k": "v"}
+
+
+def test_the_pin_is_on_the_node_name_and_anded_into_each_of_the_pods_own_terms() -> None:
+    """kube-scheduler checks one node for a pin on metadata.name (not every node for a label),
+    and a gated pod accepts requirements added to its existing terms, not new terms."""
+    manifest = make_ddljob(gpus=8)
+    spec = manifest["spec"]["template"]["spec"]
+    gpu = {"key": "gpu", "operator": "In", "values": ["h100", "h200"]}
+    spot = {"key": "spot", "operator": "DoesNotExist"}
+    spec["affinity"] = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [gpu]}, {"matchExpressions": [spot]}]
+            },
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 1, "preference": {"matchExpressions": [spot]}}
+            ],
+        },
+        "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []},
+    }
+    pod = worker_pod(DDLJob.model_validate(manifest), 0)
+    view = worker_view(pod)
+    patch = placement_patch("n3", view.gates, "t", view.node_terms)
+    pinned = merge_patch(pod, patch)
+    pin = {"key": "metadata.name", "operator": "In", "values": ["n3"]}
+    affinity = pinned["spec"]["affinity"]
+    assert affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == {
+        "nodeSelectorTerms": [
+            {"matchExpressions": [gpu], "matchFields": [pin]},
+            {"matchExpressions": [spot], "matchFields": [pin]},
+        ]
+    }
+    kept = spec["affinity"]
+    assert (
+        affinity["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        == kept["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    )
+    assert affinity["podAntiAffinity"] == kept["podAntiAffinity"]
+    assert "nodeSelector" not in pinned["spec"]
+    assert pinned_node(pinned) == "n3"
+    bare = placement_patch("n4", (), "t")
+    assert required_terms(bare["spec"]) == ({"matchFields": [dict(pin, values=["n4"])]},)

@@ -11,7 +11,12 @@ from typing import Any
 
 from ddl_operator.api import constants as c
 from ddl_operator.core.reconcile import WorkerPod
-from ddl_operator.core.render import ANNOTATION_NODE, ANNOTATION_PLACED_AT, LABEL_SLOT
+from ddl_operator.core.render import (
+    ANNOTATION_NODE,
+    ANNOTATION_PLACED_AT,
+    LABEL_SLOT,
+    required_terms,
+)
 
 
 def worker_view(pod: Mapping[str, Any]) -> WorkerPod:
@@ -30,6 +35,7 @@ def worker_view(pod: Mapping[str, Any]) -> WorkerPod:
         placed_at=annotations.get(ANNOTATION_PLACED_AT),
         unscheduled=_unscheduled(status),
         gates=tuple({"name": g.get("name")} for g in spec.get("schedulingGates") or []),
+        node_terms=required_terms(spec),
         deleting=meta.get("deletionTimestamp") is not None,
         ip=status.get("podIP") or None,
         exit_code=_exit_code(status),

@@ -103,6 +103,8 @@ class WorkerPod:
     placed_at: str | None = None  # when our placement pinned it (ISO time)
     unscheduled: str = ""  # the scheduler's reason it is not bound, if it gave one
     gates: tuple[Mapping[str, Any], ...] = ()
+    # Its own required node-affinity terms: placement ANDs its node pin into each.
+    node_terms: tuple[Mapping[str, Any], ...] = ()
     deleting: bool = False
     ip: str | None = None
     exit_code: int | None = None
@@ -914,7 +916,8 @@ def _place(seen: Observed, plan: Plan, gang: Gang) -> Unplaceable | None:
         plan.update_status(stragglers=watch.model_copy(update={"placing_on": None}))
     new = [w for w in result.workers if w.pod is None]
     for pod, worker in zip(sorted(gang.unplaced, key=lambda p: p.slot), new, strict=False):
-        plan.place.append((pod.name, placement_patch(worker.node, pod.gates, seen.stamp)))
+        patch = placement_patch(worker.node, pod.gates, seen.stamp, pod.node_terms)
+        plan.place.append((pod.name, patch))
     nodes = ", ".join(sorted({w.node for w in new}))
     plan.events.append(Event("Normal", "Placed", f"placed {len(new)} worker(s) on {nodes}"))
     return None

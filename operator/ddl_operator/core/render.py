@@ -161,20 +161,43 @@ ANNOTATION_PLACED_AT: Final = f"{c.GROUP}/placed-at"
 
 
 def placement_patch(
-    node: str, gates: Sequence[Mapping[str, Any]], placed_at: str
+    node: str,
+    gates: Sequence[Mapping[str, Any]],
+    placed_at: str,
+    terms: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """A JSON merge patch pinning a gated pod to its node and lifting our gate.
 
-    Gated pods accept additions to nodeSelector, so the stock kube-scheduler binds the pod
-    with correct resource accounting while our placement decides the node. Other gates stay.
+    The pin is a required node affinity on the node's name (`metadata.name`), ANDed into
+    each of the pod's own `terms`: a gated pod accepts such additions, so the stock
+    kube-scheduler binds it with correct resource accounting while our placement decides
+    the node. On the name, not the hostname label, as the DaemonSet controller pins its
+    pods: kube-scheduler then checks that one node instead of filtering every node of the
+    cluster for the label (its cost per pod grew with the cluster), and a node whose
+    hostname label differs from its name still gets its workers. Other gates stay.
     """
+    pin = {"key": "metadata.name", "operator": "In", "values": [node]}
+    pinned = [{**t, "matchFields": [*(t.get("matchFields") or []), pin]} for t in terms]
     return {
         "metadata": {"annotations": {ANNOTATION_NODE: node, ANNOTATION_PLACED_AT: placed_at}},
         "spec": {
-            "nodeSelector": {c.LABEL_HOSTNAME: node},
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": pinned or [{"matchFields": [pin]}]
+                    }
+                }
+            },
             "schedulingGates": [g for g in gates if g.get("name") != c.SCHEDULING_GATE],
         },
     }
+
+
+def required_terms(spec: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...]:
+    """A pod spec's required node-affinity terms (ORed; a pin is ANDed into each)."""
+    affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    return tuple(t for t in required.get("nodeSelectorTerms") or [] if isinstance(t, Mapping))
 
 
 def pinned_creates(
