@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 from scheduler_compare import install_crds, kubectl, node_doc, pod_doc, start_kwok, start_operator
@@ -112,7 +113,7 @@ def cpu_seconds(pid: int) -> float:
 def cpu_by_component(cp: ControlPlane) -> dict[str, float]:
     """CPU seconds used so far by each process of the control plane, and by this bench."""
     used = {name: cpu_seconds(pid) for name, pid in cp.running().items()}
-    return {**used, "bench": sum(os.times()[:2])}
+    return {**used, "bench": sum(os.times()[:4])}  # with its kubectl children
 
 
 def cpu_share(before: Mapping[str, float], after: Mapping[str, float], seconds: float) -> str:
@@ -194,94 +195,116 @@ class WriteProbe:
 Lister = Callable[..., Any]
 
 
+Listed = tuple[dict[str, Any], str]  # objects by name, and the list's resourceVersion
+
+
 def watch_until(
     lister: Lister,
     what: str,
     done: Callable[[Mapping[str, Any]], bool],
     timeout: float,
-    listed: threading.Event | None = None,
+    start: Listed | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
-    """List, then watch from that list, until `done(objects by name)`; sets `listed` once
-    the first list is in (what is created after that is seen as it comes).
+    """Watch from a list (`start`, else one made now) until `done(objects by name)`; returns
+    early, quietly, once `stop` is set. Relists when the watch's version expired or its
+    connection broke, as informers do.
 
     The timed waits watch rather than poll: polling with kubectl forks a process and lists
     the namespace every time, on the same two cores the operator and the cluster run on,
     and the heavier the objects (a DDLJob's status), the more the observer slows the observed.
     """
     deadline = time.monotonic() + timeout
-    objects, version = _listed(lister)
-    if listed is not None:
-        listed.set()
+    objects, version = start or _listed(lister)
     while not done(objects):
+        if stop is not None and stop.is_set():
+            return
         left = deadline - time.monotonic()
         if left <= 0:
             raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        resp = lister(
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=max(1, int(min(left, 30))),
-            _preload_content=False,
-        )
         try:
-            for line in iter_resp_lines(resp):
-                if not line:
-                    continue
-                event = json.loads(line)
-                obj, kind = event["object"], event["type"]
-                if kind == "ERROR":
-                    if obj.get("code") != 410:
-                        raise RuntimeError(f"watch for {what}: {obj.get('message')}")
-                    objects, version = _listed(lister)  # the version expired: list again
-                    break
-                version = obj["metadata"]["resourceVersion"]
-                if kind == "DELETED":
-                    objects.pop(obj["metadata"]["name"], None)
-                elif kind != "BOOKMARK":
-                    objects[obj["metadata"]["name"]] = obj
-                if done(objects):
-                    return
-        finally:
-            resp.close()
-            resp.release_conn()
+            resp = lister(
+                watch=True,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=max(1, int(min(left, 5))),
+                _request_timeout=60,
+                _preload_content=False,
+            )
+            try:
+                for line in iter_resp_lines(resp):
+                    event = json.loads(line) if line else None
+                    if event is None:
+                        continue
+                    obj, kind = event["object"], event["type"]
+                    if kind == "ERROR":
+                        if obj.get("code") != 410:
+                            raise RuntimeError(f"watch for {what}: {obj.get('message')}")
+                        objects, version = _listed(lister)  # the version expired
+                        break
+                    version = obj["metadata"]["resourceVersion"]
+                    if kind == "DELETED":
+                        objects.pop(obj["metadata"]["name"], None)
+                    elif kind != "BOOKMARK":
+                        objects[obj["metadata"]["name"]] = obj
+                    if done(objects) or (stop is not None and stop.is_set()):
+                        return
+            finally:
+                resp.close()
+                resp.release_conn()
+        except (client.ApiException, urllib3.exceptions.HTTPError) as err:
+            if isinstance(err, client.ApiException) and err.status not in (410, 429, 500, 503):
+                raise
+            objects, version = _listed(lister)  # expired or broken: list again
 
 
-def _listed(lister: Lister) -> tuple[dict[str, Any], str]:
+def _listed(lister: Lister) -> Listed:
     listed = json.loads(lister(_preload_content=False).data)
-    return {o["metadata"]["name"]: o for o in listed["items"]}, listed["metadata"][
-        "resourceVersion"
-    ]
+    objects = {o["metadata"]["name"]: o for o in listed["items"]}
+    return objects, listed["metadata"]["resourceVersion"]
+
+
+def watched_while(
+    lister: Lister,
+    what: str,
+    done: Callable[[Mapping[str, Any]], bool],
+    action: Callable[[], None],
+    timeout: float,
+) -> float:
+    """Seconds from the start of `action()` until `done`, watched (in a thread) from a list
+    made before it, so that what the action creates is seen as it comes. The watch stops
+    when the action fails."""
+    start = _listed(lister)
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        watched = pool.submit(watch_until, lister, what, done, timeout, start, stop)
+        try:
+            began = time.monotonic()
+            action()
+            watched.result()
+        finally:
+            stop.set()
+    return time.monotonic() - began
 
 
 def pods_running(
-    cp: ControlPlane, ns: str, create: Callable[[], None], timeout: float
+    cp: ControlPlane, ns: str, names: Collection[str], create: Callable[[], None], timeout: float
 ) -> tuple[float, PodStages]:
-    """`create()`, then until `ns` has pods and every one is Running, watched from before the
-    create: the seconds that took, and when each pod was bound and ran."""
+    """`create()` the pods `names` of `ns`; seconds until every one of them is Running, and
+    when each was bound and ran."""
     api = client.CoreV1Api(config.new_client_from_config(str(cp.kubeconfig)))
     stages = PodStages()
+    wanted = set(names)
 
     def done(pods: Mapping[str, Any]) -> bool:
         stages(pods)
-        return bool(pods) and all(
-            (p.get("status") or {}).get("phase") == "Running" for p in pods.values()
+        return all(
+            (pods.get(name, {}).get("status") or {}).get("phase") == "Running" for name in wanted
         )
 
-    listed = threading.Event()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        watched = pool.submit(
-            watch_until,
-            functools.partial(api.list_namespaced_pod, ns),
-            f"every pod of {ns} running",
-            done,
-            timeout,
-            listed,
-        )
-        listed.wait(timeout)
-        started = time.monotonic()
-        create()
-        watched.result()
-    return time.monotonic() - started, stages
+    lister = functools.partial(api.list_namespaced_pod, ns)
+    seconds = watched_while(lister, f"{len(wanted)} pods of {ns} running", done, create, timeout)
+    return seconds, stages
 
 
 def count(cp: ControlPlane, *args: str) -> int:
@@ -371,7 +394,8 @@ def time_stock_gang(cp: ControlPlane, ns: str, tag: str, workers: int) -> float:
     """One gang's worth of plain pods, bound by kube-scheduler alone, under the same load:
     what the cluster itself takes to start `workers` pods (apply -> all Running)."""
     pods = [pod_doc(f"{tag}-w{i}", ns, GPUS_PER_NODE) for i in range(workers)]
-    return pods_running(cp, ns, lambda: create_all(cp, pods, parallel=1), 600)[0]
+    names = [p["metadata"]["name"] for p in pods]
+    return pods_running(cp, ns, names, lambda: create_all(cp, pods, parallel=1), 600)[0]
 
 
 def side_by_side(cp: ControlPlane, tag: str, workers: int) -> tuple[float, float]:
@@ -436,13 +460,14 @@ class PodStages:
         bound: list[float] = []
         ran: list[float] = []
         for created, bound_at, running_at in self.seen.values():
-            if bound_at is not None and running_at is not None and created is not None:
+            if created is not None and bound_at is not None and running_at is not None:
                 bound.append(bound_at - created)
                 ran.append(running_at - bound_at)
-        writes = statistics.median(len(v) for v in self.versions.values()) if self.versions else 0
+        versions = [len(v) for v in self.versions.values()]
+        per_pod = statistics.median(versions) if versions else 0
         return (
             f"created -> bound {_spread(bound)}; bound -> Running {_spread(ran)}; "
-            f"{writes:g} versions per pod (p50)"
+            f"{per_pod:g} versions per pod (p50)"
         )
 
 
@@ -485,22 +510,11 @@ def time_jobs(
     jobs_seen = FirstSeen(names, lambda objects: running_jobs(objects, names))
     stages = PodStages()
     body = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(jobs)})
-    listed = threading.Event()
-    pods = None
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        if breakdown:
-            pods = pool.submit(
-                watch_until,
-                functools.partial(core.list_namespaced_pod, ns),
-                f"the pods of {len(names)} DDLJobs of {ns} running",
-                lambda objects: stages(objects) or pods_seen(objects),
-                timeout,
-                listed,
-            )
-            listed.wait(timeout)
-        started = time.monotonic()
+
+    def create_and_wait() -> None:
+        began = time.monotonic()
         kubectl(cp, "create", "-f", "-", input=body)
-        say(f"{len(jobs)} DDLJobs created in {time.monotonic() - started:.1f}s (kubectl, in turn)")
+        say(f"{len(jobs)} DDLJobs created in {time.monotonic() - began:.1f}s (kubectl, in turn)")
         try:
             watch_until(
                 functools.partial(
@@ -512,10 +526,19 @@ def time_jobs(
             )
         except RuntimeError as err:
             raise RuntimeError(f"{err}:\n{kubectl(cp, 'get', 'ddlj', '-n', ns)}") from None
-        total = time.monotonic() - started
-        if pods is None:
-            return total
-        pods.result()
+
+    if not breakdown:
+        started = time.monotonic()
+        create_and_wait()
+        return time.monotonic() - started
+    started = time.monotonic()
+    total = watched_while(
+        functools.partial(core.list_namespaced_pod, ns),
+        f"the pods of {len(names)} DDLJobs of {ns} running",
+        lambda objects: stages(objects) or pods_seen(objects),
+        create_and_wait,
+        timeout,
+    )
     lags = sorted(jobs_seen.at[n] - pods_seen.at[n] for n in names)
     say(
         f"  a job Running after its last pod did: p50 {statistics.median(lags):.2f}s, "
@@ -614,8 +637,9 @@ def run(cp: ControlPlane, args: argparse.Namespace, more: list[int]) -> int:
     kubectl(cp, "create", "namespace", "stock")
     stock_pods = [pod_doc(f"w{i}", "stock", GPUS_PER_NODE) for i in range(gangs)]
     used, requests = cpu_by_component(cp), api_requests(cp)
+    stock_names = [p["metadata"]["name"] for p in stock_pods]
     stock_s, stages = pods_running(
-        cp, "stock", lambda: create_all(cp, stock_pods, parallel=1), 1800
+        cp, "stock", stock_names, lambda: create_all(cp, stock_pods, parallel=1), 1800
     )
     print(f"stock kube-scheduler: {gangs} pods running in {stock_s:.1f}s", flush=True)
     print(f"  pods: {stages.summary()}", flush=True)

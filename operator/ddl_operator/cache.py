@@ -182,15 +182,16 @@ class ClusterCache:
         self,
         tolerations: Sequence[Mapping[str, Any]] = (),
         node_selector: Mapping[str, str] | None = None,
+        node_terms: Sequence[Mapping[str, Any]] = (),
     ) -> list[NodeInfo]:
         """Every node with the GPUs in use on it (assumed reservations included), as a job
-        with these tolerations and this nodeSelector sees it."""
+        with these tolerations, nodeSelector and required node-affinity terms sees it."""
         with self._lock:
             if self.synced:
                 self._ledger.expire(self.clock())
             facts = list(self._nodes.values())
             usage = self._ledger.usage()
-        return free_nodes(facts, usage, tolerations, node_selector)
+        return free_nodes(facts, usage, tolerations, node_selector, node_terms)
 
     def nodes(self) -> dict[str, NodeFacts]:
         with self._lock:

@@ -243,7 +243,9 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
                 evictions = _preempt(rt, snap, demand, priorities, now)
             _file_holder(rt, snap, plan, priorities)
     else:
+        waited = time.perf_counter()
         with rt.claim_lock:
+            waited = time.perf_counter() - waited
             rt.demands.pop(key, None)
             _file_holder(rt, snap, plan, priorities)
     t1 = time.perf_counter()

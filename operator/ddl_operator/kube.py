@@ -34,7 +34,7 @@ from ddl_operator.cache import ClusterCache
 from ddl_operator.core.ledger import pod_key as object_key  # (namespace, name) of any object
 from ddl_operator.core.podview import owned_by, worker_view
 from ddl_operator.core.reconcile import Event, Plan, WorkerPod
-from ddl_operator.core.render import headless_service, pinned_creates
+from ddl_operator.core.render import headless_service, pinned_creates, required_terms
 from ddl_operator.core.topology import NodeInfo
 from ddl_operator.core.versions import UNSEEN, at_least, comparable, newest
 
@@ -213,7 +213,9 @@ class Kube:
         we placed but the scheduler has not bound yet (so two jobs never take the same GPUs)."""
         pod_spec = job.spec.template.get("spec") or {}
         return self.cache.node_infos(
-            pod_spec.get("tolerations") or [], pod_spec.get("nodeSelector") or {}
+            pod_spec.get("tolerations") or [],
+            pod_spec.get("nodeSelector") or {},
+            required_terms(pod_spec),
         )
 
     def list_jobs(self, namespaces: Sequence[str] = ()) -> list[dict[str, Any]]:

@@ -254,3 +254,27 @@ def test_totals_always_equal_a_recount(ops: list[tuple[Any, Any, Any]]) -> None:
         assert ledger.usage() == recount
         for node in ("n1", "n2"):
             assert ledger.jobs_on(node) == jobs.get(node, set())
+
+
+def test_a_templates_required_node_affinity_narrows_where_its_workers_may_go() -> None:
+    """As kube-scheduler reads it: terms ORed, expressions ANDed, an empty term matches no
+    node; placement must not pin a worker to a node the scheduler will not bind it to."""
+    facts = node_facts(make_node("n1", gpu="h100", gen="9"))
+    gpu = {"key": "gpu", "operator": "In", "values": ["h100", "h200"]}
+    spot = {"key": "spot", "operator": "Exists"}
+    cases: list[tuple[list[dict[str, object]], bool]] = [
+        ([], True),
+        ([{"matchExpressions": [gpu]}], True),
+        ([{"matchExpressions": [gpu, spot]}], False),
+        ([{"matchExpressions": [spot]}, {"matchExpressions": [gpu]}], True),
+        ([{"matchExpressions": [{"key": "gpu", "operator": "NotIn", "values": ["h100"]}]}], False),
+        ([{"matchExpressions": [{"key": "spot", "operator": "DoesNotExist"}]}], True),
+        ([{"matchExpressions": [{"key": "gen", "operator": "Gt", "values": ["8"]}]}], True),
+        ([{"matchExpressions": [{"key": "gen", "operator": "Lt", "values": ["9"]}]}], False),
+        ([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}], True),
+        ([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n2"]}]}], False),
+        ([{}], False),
+        ([{"matchExpressions": ["not a requirement"]}], False),
+    ]
+    for terms, allowed in cases:
+        assert (node_info(facts, used=0, node_terms=terms).free == 8) is allowed, terms

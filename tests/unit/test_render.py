@@ -60,8 +60,8 @@ def test_a_pod_placed_as_it_is_created_keeps_the_users_selector_and_other_gates(
     pods = [worker_pod(job, 0), worker_pod(job, 1)]
     existing = "job-worker-7"
     place = [
-        ("job-worker-1", placement_patch("n1", pods[1]["spec"]["schedulingGates"], "t")),
-        (existing, placement_patch("n7", [{"name": c.SCHEDULING_GATE}], "t")),
+        ("job-worker-1", placement_patch("n1", pods[1]["spec"]["schedulingGates"], "t", terms=())),
+        (existing, placement_patch("n7", [{"name": c.SCHEDULING_GATE}], "t", terms=())),
     ]
     created, patches = pinned_creates(pods, place)
     assert [name for name, _ in patches] == [existing], "only a pod that exists is patched"
@@ -101,7 +101,7 @@ def test_the_pin_is_on_the_node_name_and_anded_into_each_of_the_pods_own_terms()
     }
     pod = worker_pod(DDLJob.model_validate(manifest), 0)
     view = worker_view(pod)
-    patch = placement_patch("n3", view.gates, "t", view.node_terms)
+    patch = placement_patch("n3", view.gates, "t", terms=view.node_terms)
     pinned = merge_patch(pod, patch)
     pin = {"key": "metadata.name", "operator": "In", "values": ["n3"]}
     affinity = pinned["spec"]["affinity"]
@@ -119,5 +119,17 @@ def test_the_pin_is_on_the_node_name_and_anded_into_each_of_the_pods_own_terms()
     assert affinity["podAntiAffinity"] == kept["podAntiAffinity"]
     assert "nodeSelector" not in pinned["spec"]
     assert pinned_node(pinned) == "n3"
-    bare = placement_patch("n4", (), "t")
+    bare = placement_patch("n4", (), "t", terms=())
     assert required_terms(bare["spec"]) == ({"matchFields": [dict(pin, values=["n4"])]},)
+    # An empty term matches no node and a gated pod's API refuses additions to it: kept as is.
+    empty = placement_patch("n5", (), "t", terms=({}, {"matchExpressions": [gpu]}))
+    assert required_terms(empty["spec"]) == (
+        {},
+        {"matchExpressions": [gpu], "matchFields": [dict(pin, values=["n5"])]},
+    )
+    for odd in (
+        "x",
+        {"nodeAffinity": []},
+        {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": 1}},
+    ):
+        assert required_terms({"affinity": odd}) == (), odd

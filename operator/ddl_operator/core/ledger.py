@@ -176,14 +176,59 @@ def tolerated(taint: Taint, tolerations: Sequence[Mapping[str, Any]]) -> bool:
     return False
 
 
+def affinity_allows(
+    name: str, labels: Mapping[str, str], terms: Sequence[Mapping[str, Any]]
+) -> bool:
+    """Whether a node matches a pod's required node-affinity terms, as kube-scheduler reads
+    them: any term (ORed) whose every expression on labels and field (metadata.name) holds
+    (ANDed); an empty term matches no node; no terms, every node."""
+    if not terms:
+        return True
+    fields = {"metadata.name": name}
+    return any(
+        (term.get("matchExpressions") or term.get("matchFields"))
+        and all(_holds(e, labels) for e in term.get("matchExpressions") or [])
+        and all(_holds(e, fields) for e in term.get("matchFields") or [])
+        for term in terms
+    )
+
+
+def _holds(requirement: object, values: Mapping[str, str]) -> bool:
+    """One node selector requirement (In, NotIn, Exists, DoesNotExist, Gt, Lt); a malformed
+    one (the template is the user's) holds for no node, as the API server would refuse it."""
+    if not isinstance(requirement, Mapping):
+        return False
+    key, op = requirement.get("key"), requirement.get("operator")
+    wanted = [str(v) for v in requirement.get("values") or []]
+    present = isinstance(key, str) and key in values
+    value = values.get(key, "") if isinstance(key, str) else ""
+    if op == "In":
+        return present and value in wanted
+    if op == "NotIn":
+        return not present or value not in wanted
+    if op == "Exists":
+        return present
+    if op == "DoesNotExist":
+        return not present
+    if op in ("Gt", "Lt") and present and len(wanted) == 1:
+        try:
+            have, bound = int(value), int(wanted[0])
+        except ValueError:
+            return False
+        return have > bound if op == "Gt" else have < bound
+    return False
+
+
 def node_info(
     facts: NodeFacts,
     used: int,
     tolerations: Sequence[Mapping[str, Any]] = (),
     node_selector: Mapping[str, str] | None = None,
+    node_terms: Sequence[Mapping[str, Any]] = (),
 ) -> NodeInfo:
-    """A node for one job's placement: the template's nodeSelector and tolerations narrow
-    where its workers may go."""
+    """A node for one job's placement: the template's nodeSelector, required node affinity
+    and tolerations narrow where its workers may go (else a worker pinned to a node the
+    scheduler will not bind it to waits out the bind deadline)."""
     wanted = node_selector or {}
     return NodeInfo(
         name=facts.name,
@@ -193,6 +238,7 @@ def node_info(
         ready=facts.ready,
         schedulable=not facts.unschedulable
         and all(facts.labels.get(k) == v for k, v in wanted.items())
+        and affinity_allows(facts.name, facts.labels, node_terms)
         and all(tolerated(t, tolerations) for t in facts.taints),
     )
 
@@ -384,7 +430,10 @@ def free_nodes(
     usage: Mapping[str, int],
     tolerations: Sequence[Mapping[str, Any]] = (),
     node_selector: Mapping[str, str] | None = None,
+    node_terms: Sequence[Mapping[str, Any]] = (),
 ) -> list[NodeInfo]:
     """Every node with the GPUs in use on it (`usage`: a ledger's totals), as one job's
     placement sees it."""
-    return [node_info(f, usage.get(f.name, 0), tolerations, node_selector) for f in facts]
+    return [
+        node_info(f, usage.get(f.name, 0), tolerations, node_selector, node_terms) for f in facts
+    ]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
@@ -188,6 +188,11 @@ def _request(job: DDLJob, low: int, high: int, keep: Mapping[str, str]) -> GangR
         resource_name="GPUs",
         keep=keep,
     )
+
+
+def _kept_on(pods: Iterable[WorkerPod]) -> dict[str, str]:
+    """Workers that stay where they are: pod name -> the node it is bound or placed on."""
+    return {p.name: p.placed_on or "" for p in pods}
 
 
 def _lost(pod: WorkerPod, nodes: Mapping[str, NodeInfo], now: dt.datetime) -> str | None:
@@ -858,7 +863,7 @@ def _gang_request(seen: Observed, gang: Gang) -> GangRequest | None:
         return None
     spec = seen.spec
     target = spec.replicas
-    keep = {p.name: p.node or p.assigned or "" for p in gang.anchored}
+    keep = _kept_on(gang.anchored)
     low = min(target, max(spec.min_replicas, len(keep) + 1))
     high = min(target, len(keep) + len(gang.unplaced))
     if low > high:
@@ -888,7 +893,7 @@ def _growth_request(seen: Observed, gang: Gang) -> GangRequest:
     record: its kept workers plus at least one more (the smallest gang when it holds none),
     asked even though the record keeps it from creating them yet."""
     replicas = seen.spec.replicas
-    keep = {p.name: p.node or p.assigned or "" for p in gang.anchored}
+    keep = _kept_on(gang.anchored)
     low = min(replicas, max(seen.spec.min_replicas, len(keep) + 1))
     return _request(seen.job, low, replicas, keep)
 
@@ -916,7 +921,7 @@ def _place(seen: Observed, plan: Plan, gang: Gang) -> Unplaceable | None:
         plan.update_status(stragglers=watch.model_copy(update={"placing_on": None}))
     new = [w for w in result.workers if w.pod is None]
     for pod, worker in zip(sorted(gang.unplaced, key=lambda p: p.slot), new, strict=False):
-        patch = placement_patch(worker.node, pod.gates, seen.stamp, pod.node_terms)
+        patch = placement_patch(worker.node, pod.gates, seen.stamp, terms=pod.node_terms)
         plan.place.append((pod.name, patch))
     nodes = ", ".join(sorted({w.node for w in new}))
     plan.events.append(Event("Normal", "Placed", f"placed {len(new)} worker(s) on {nodes}"))
@@ -1155,7 +1160,7 @@ def _publish(
     `topology.required` (the caller passes one domain's workers); then they are ordered
     without it rather than not at all.
     """
-    keep = {p.name: p.node or p.assigned or "" for p in running}
+    keep = _kept_on(running)
     request = _request(job, len(running), len(running), keep)
     # Every worker is kept, so only their nodes matter: ordered among those alone, the ranks
     # are the same, and a re-form costs the gang's size, not the cluster's.

@@ -164,7 +164,8 @@ def placement_patch(
     node: str,
     gates: Sequence[Mapping[str, Any]],
     placed_at: str,
-    terms: Sequence[Mapping[str, Any]] = (),
+    *,
+    terms: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
     """A JSON merge patch pinning a gated pod to its node and lifting our gate.
 
@@ -174,10 +175,14 @@ def placement_patch(
     the node. On the name, not the hostname label, as the DaemonSet controller pins its
     pods: kube-scheduler then checks that one node instead of filtering every node of the
     cluster for the label (its cost per pod grew with the cluster), and a node whose
-    hostname label differs from its name still gets its workers. Other gates stay.
+    hostname label differs from its name still gets its workers. Other gates stay. An empty
+    term matches no node and takes no additions, so it stays as it is.
     """
     pin = {"key": "metadata.name", "operator": "In", "values": [node]}
-    pinned = [{**t, "matchFields": [*(t.get("matchFields") or []), pin]} for t in terms]
+    pinned = [
+        {**t, "matchFields": [*(t.get("matchFields") or []), pin]} if _requires(t) else dict(t)
+        for t in terms
+    ]
     return {
         "metadata": {"annotations": {ANNOTATION_NODE: node, ANNOTATION_PLACED_AT: placed_at}},
         "spec": {
@@ -193,11 +198,18 @@ def placement_patch(
     }
 
 
+def _requires(term: Mapping[str, Any]) -> bool:
+    return bool(term.get("matchExpressions") or term.get("matchFields"))
+
+
 def required_terms(spec: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...]:
-    """A pod spec's required node-affinity terms (ORed; a pin is ANDed into each)."""
-    affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
-    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
-    return tuple(t for t in required.get("nodeSelectorTerms") or [] if isinstance(t, Mapping))
+    """A pod spec's required node-affinity terms (ORed; a pin is ANDed into each). The
+    template is the user's: what is not shaped like terms reads as none."""
+    found: Any = spec
+    for key in ("affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution"):
+        found = found.get(key) if isinstance(found, Mapping) else None
+    terms = found.get("nodeSelectorTerms") if isinstance(found, Mapping) else None
+    return tuple(t for t in terms if isinstance(t, Mapping)) if isinstance(terms, list) else ()
 
 
 def pinned_creates(

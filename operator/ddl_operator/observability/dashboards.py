@@ -515,9 +515,10 @@ def operator_dashboard() -> grafana.Dashboard:
             *latency_quantiles("ddl_operator_reconcile_seconds"),
         ),
         graph(
-            "Placement latency",
+            "Decision latency",
             "s",
-            "Time the placement algorithm takes on the cluster snapshot.",
+            "Time of one pass's decision, without API calls: waiting for the claim lock, "
+            "placement on the cluster snapshot and the claim.",
             *latency_quantiles("ddl_operator_placement_seconds"),
         ),
         graph(
