@@ -10,12 +10,12 @@ from typing import Any
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
+from ddl_operator.core.affinity import required_terms
 from ddl_operator.core.reconcile import Plan, WorkerPod, reconcile
 from ddl_operator.core.render import (
     ANNOTATION_NODE,
     ANNOTATION_PLACED_AT,
     LABEL_SLOT,
-    required_terms,
 )
 from ddl_operator.core.topology import NodeInfo
 

@@ -226,13 +226,12 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
     claims = (not snap.pods and not finished) or any(not p.placed_on for p in snap.pods)
     plan = None if claims or record is not None else decide(snap)
     evictions: list[tuple[Eviction, JobKey]] = []
-    waited = 0.0
-    if plan is None or plan.place or plan.create:
-        # Decide on capacity read under the lock, and reserve what was chosen before the
-        # next job reads it; the API writes happen after the lock is released.
-        waited = time.perf_counter()
-        with rt.claim_lock:
-            waited = time.perf_counter() - waited
+    waited = time.perf_counter()
+    with rt.claim_lock:
+        waited = time.perf_counter() - waited
+        if plan is None or plan.place or plan.create:
+            # Decide on capacity read under the lock, and reserve what was chosen before the
+            # next job reads it; the API writes happen after the lock is released.
             snap = replace(snap, nodes=kube.node_infos(snap.job))
             demand, slot = _queue_slot(rt, snap, priorities, now, record is not None)
             plan = decide(snap, slot)
@@ -242,10 +241,7 @@ def _pass(rt: Runtime, key: JobKey) -> Outcome:
             elif demand is not None and slot is None:
                 evictions = _preempt(rt, snap, demand, priorities, now)
             _file_holder(rt, snap, plan, priorities)
-    else:
-        waited = time.perf_counter()
-        with rt.claim_lock:
-            waited = time.perf_counter() - waited
+        else:
             rt.demands.pop(key, None)
             _file_holder(rt, snap, plan, priorities)
     t1 = time.perf_counter()

@@ -31,10 +31,11 @@ from ddl_operator import metrics
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
 from ddl_operator.cache import ClusterCache
+from ddl_operator.core.affinity import required_terms
 from ddl_operator.core.ledger import pod_key as object_key  # (namespace, name) of any object
 from ddl_operator.core.podview import owned_by, worker_view
 from ddl_operator.core.reconcile import Event, Plan, WorkerPod
-from ddl_operator.core.render import headless_service, pinned_creates, required_terms
+from ddl_operator.core.render import headless_service, pinned_creates
 from ddl_operator.core.topology import NodeInfo
 from ddl_operator.core.versions import UNSEEN, at_least, comparable, newest
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
+from ddl_operator.core.affinity import required_terms
 from ddl_operator.core.podview import worker_view
 from ddl_operator.core.render import (
     ANNOTATION_NODE,
@@ -11,7 +12,6 @@ from ddl_operator.core.render import (
     merge_patch,
     pinned_creates,
     placement_patch,
-    required_terms,
     worker_pod,
 )
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ddl_operator.api import constants as c
+from ddl_operator.core.affinity import affinity_allows
 from ddl_operator.core.capacity import (
     Container,
     OwnerRef,
@@ -173,49 +174,6 @@ def tolerated(taint: Taint, tolerations: Sequence[Mapping[str, Any]]) -> bool:
             return True
         if key == taint.key and (tol.get("value") or "") == taint.value:
             return True
-    return False
-
-
-def affinity_allows(
-    name: str, labels: Mapping[str, str], terms: Sequence[Mapping[str, Any]]
-) -> bool:
-    """Whether a node matches a pod's required node-affinity terms, as kube-scheduler reads
-    them: any term (ORed) whose every expression on labels and field (metadata.name) holds
-    (ANDed); an empty term matches no node; no terms, every node."""
-    if not terms:
-        return True
-    fields = {"metadata.name": name}
-    return any(
-        (term.get("matchExpressions") or term.get("matchFields"))
-        and all(_holds(e, labels) for e in term.get("matchExpressions") or [])
-        and all(_holds(e, fields) for e in term.get("matchFields") or [])
-        for term in terms
-    )
-
-
-def _holds(requirement: object, values: Mapping[str, str]) -> bool:
-    """One node selector requirement (In, NotIn, Exists, DoesNotExist, Gt, Lt); a malformed
-    one (the template is the user's) holds for no node, as the API server would refuse it."""
-    if not isinstance(requirement, Mapping):
-        return False
-    key, op = requirement.get("key"), requirement.get("operator")
-    wanted = [str(v) for v in requirement.get("values") or []]
-    present = isinstance(key, str) and key in values
-    value = values.get(key, "") if isinstance(key, str) else ""
-    if op == "In":
-        return present and value in wanted
-    if op == "NotIn":
-        return not present or value not in wanted
-    if op == "Exists":
-        return present
-    if op == "DoesNotExist":
-        return not present
-    if op in ("Gt", "Lt") and present and len(wanted) == 1:
-        try:
-            have, bound = int(value), int(wanted[0])
-        except ValueError:
-            return False
-        return have > bound if op == "Gt" else have < bound
     return False
 
 

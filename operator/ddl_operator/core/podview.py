@@ -10,13 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ddl_operator.api import constants as c
+from ddl_operator.core.affinity import required_terms
 from ddl_operator.core.reconcile import WorkerPod
-from ddl_operator.core.render import (
-    ANNOTATION_NODE,
-    ANNOTATION_PLACED_AT,
-    LABEL_SLOT,
-    required_terms,
-)
+from ddl_operator.core.render import ANNOTATION_NODE, ANNOTATION_PLACED_AT, LABEL_SLOT
 
 
 def worker_view(pod: Mapping[str, Any]) -> WorkerPod:

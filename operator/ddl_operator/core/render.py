@@ -8,6 +8,7 @@ from typing import Any, Final
 
 from ddl_operator.api import constants as c
 from ddl_operator.api.models import DDLJob
+from ddl_operator.core.affinity import requires
 
 LABEL_SLOT: Final = f"{c.GROUP}/slot"
 METRICS_PORT: Final = 9400
@@ -180,7 +181,7 @@ def placement_patch(
     """
     pin = {"key": "metadata.name", "operator": "In", "values": [node]}
     pinned = [
-        {**t, "matchFields": [*(t.get("matchFields") or []), pin]} if _requires(t) else dict(t)
+        {**t, "matchFields": [*(t.get("matchFields") or []), pin]} if requires(t) else dict(t)
         for t in terms
     ]
     return {
@@ -196,20 +197,6 @@ def placement_patch(
             "schedulingGates": [g for g in gates if g.get("name") != c.SCHEDULING_GATE],
         },
     }
-
-
-def _requires(term: Mapping[str, Any]) -> bool:
-    return bool(term.get("matchExpressions") or term.get("matchFields"))
-
-
-def required_terms(spec: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...]:
-    """A pod spec's required node-affinity terms (ORed; a pin is ANDed into each). The
-    template is the user's: what is not shaped like terms reads as none."""
-    found: Any = spec
-    for key in ("affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution"):
-        found = found.get(key) if isinstance(found, Mapping) else None
-    terms = found.get("nodeSelectorTerms") if isinstance(found, Mapping) else None
-    return tuple(t for t in terms if isinstance(t, Mapping)) if isinstance(terms, list) else ()
 
 
 def pinned_creates(
