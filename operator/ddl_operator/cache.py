@@ -7,7 +7,9 @@ watch as a DELETED event); and the operator's worker pods in every phase (by lab
 server-side), so a pass reads its own pods here instead of listing them. GPU requests cannot
 be selected server-side, so each pod event is parsed as plain JSON (never into client
 models) and reduced at once to what accounting needs (core/ledger.py); pods without GPUs
-are not kept at all, and of a worker only the state machine's view is. Lists are paged, and
+are not kept at all, and of a worker only the state machine's view is. What a pass reads of
+the nodes, free GPUs as its template's constraints allow, is patched per event as well
+(core/nodeviews.py), not rebuilt per read. Lists are paged, and
 a watch resumes from the last resourceVersion it saw; on 410 Gone it relists. Callbacks
 tell the controller which jobs an event may concern; they run on the watch threads and must
 only enqueue.
@@ -41,12 +43,12 @@ from ddl_operator.core.ledger import (
     NodeFacts,
     PodCharge,
     PodKey,
-    free_nodes,
     node_facts,
     pod_charge,
     pod_key,
     worker_job,
 )
+from ddl_operator.core.nodeviews import Constraints, NodeViews
 from ddl_operator.core.podview import worker_view
 from ddl_operator.core.reconcile import WorkerPod
 from ddl_operator.core.topology import NodeInfo
@@ -130,6 +132,7 @@ class ClusterCache:
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeFacts] = {}
         self._ledger = Ledger()
+        self._views = NodeViews()  # free capacity per constraint set, patched per change
         self._workers: dict[JobKey, dict[str, Worker]] = {}  # job -> pod name -> worker
         self._worker_jobs: dict[PodKey, JobKey] = {}
         self._workers_version: str | None = None  # what the worker watch has caught up with
@@ -186,12 +189,11 @@ class ClusterCache:
     ) -> list[NodeInfo]:
         """Every node with the GPUs in use on it (assumed reservations included), as a job
         with these tolerations, nodeSelector and required node-affinity terms sees it."""
+        constraints = Constraints(tuple(tolerations), node_selector, tuple(node_terms))
         with self._lock:
             if self.synced:
-                self._ledger.expire(self.clock())
-            facts = list(self._nodes.values())
-            usage = self._ledger.usage()
-        return free_nodes(facts, usage, tolerations, node_selector, node_terms)
+                self._moved(self._ledger.expire(self.clock()))
+            return self._views.read(constraints, self._nodes, self._ledger.totals)
 
     def nodes(self) -> dict[str, NodeFacts]:
         with self._lock:
@@ -238,12 +240,12 @@ class ClusterCache:
     def assume(self, key: PodKey, charge: PodCharge) -> None:
         """Count a placement now; the pod's event confirms it (see core/ledger.py)."""
         with self._lock:
-            self._ledger.assume(key, charge, self.clock())
+            self._moved(self._ledger.assume(key, charge, self.clock()))
 
     def forget(self, key: PodKey) -> None:
         """Drop a reservation whose placement was not written."""
         with self._lock:
-            change = self._ledger.forget(key)
+            change = self._moved(self._ledger.forget(key))
         self._announce(change)
 
     # -- list and watch -----------------------------------------------------------------------
@@ -368,6 +370,9 @@ class ClusterCache:
             else:
                 changed = self._nodes.get(facts.name) != facts
                 self._nodes[facts.name] = facts
+            if changed:
+                now = self._nodes.get(facts.name)
+                self._views.node_changed(facts.name, now, self._ledger.used(facts.name))
         if changed:  # heartbeats change nothing placement reads
             self.callbacks.node_changed(facts.name)
 
@@ -376,9 +381,9 @@ class ClusterCache:
         with self._lock:
             if kind == "DELETED":
                 uid = str((obj.get("metadata") or {}).get("uid", ""))
-                change = self._ledger.delete(key, uid)
+                change = self._moved(self._ledger.delete(key, uid))
             else:
-                change = self._ledger.observe(key, pod_charge(obj))
+                change = self._moved(self._ledger.observe(key, pod_charge(obj)))
         self._announce(change)
 
     def _worker_event(self, kind: str, obj: Mapping[str, Any]) -> None:
@@ -410,6 +415,7 @@ class ClusterCache:
         fresh = {f.name: f for f in map(node_facts, items)}
         with self._lock:
             old, self._nodes = self._nodes, fresh
+            self._views.clear()
         for name in sorted(old.keys() | fresh.keys()):
             if old.get(name) != fresh.get(name) and old:
                 self.callbacks.node_changed(name)
@@ -427,8 +433,13 @@ class ClusterCache:
 
     def _replace_pods(self, charges: Mapping[PodKey, PodCharge]) -> None:
         with self._lock:
-            change = self._ledger.replace(charges)
+            change = self._moved(self._ledger.replace(charges))
         self._announce(change)
+
+    def _moved(self, change: Change) -> Change:
+        """Patch the node views where usage moved (under the lock); returns `change`."""
+        self._views.usage_changed(change.freed | change.taken, self._nodes, self._ledger.totals)
+        return change
 
     def _announce(self, change: Change) -> None:
         if change.freed:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ddl_operator.cache import ACTIVE_PODS, WORKER_PODS, Callbacks, ClusterCache
-from ddl_operator.core.ledger import PodCharge
+from ddl_operator.core.ledger import PodCharge, free_nodes
 
 from fakeapi import FakeCoreApi, make_node, make_pod
 
@@ -149,6 +149,51 @@ def test_a_reservation_counts_until_its_event_or_its_expiry(api: FakeCoreApi) ->
         assert {n.name: n.used for n in cache.node_infos()}["n3"] == 8
     finally:
         cache.stop()
+
+
+def test_node_views_follow_every_kind_of_change(api: FakeCoreApi, cache: ClusterCache) -> None:
+    """What a pass reads is patched per event (core/nodeviews.py); after each kind of change
+    it must equal a view rebuilt from the cache's nodes and totals."""
+    wants = [
+        {},
+        {"node_selector": {"zone": "z1"}},
+        {"tolerations": [{"key": "k", "operator": "Exists"}]},
+    ]
+
+    def matches() -> bool:
+        return all(
+            cache.node_infos(**want) == free_nodes(cache.nodes().values(), cache.usage(), **want)
+            for want in wants
+        )
+
+    assert matches()  # each view is built here and patched from now on
+    api.push("pods", "ADDED", make_pod("c", node="n3", gpus=3, uid="uc2"))
+    eventually(lambda: cache.usage().get("n3") == 3)
+    assert matches()
+    api.push(
+        "nodes",
+        "MODIFIED",
+        make_node("n1", zone="z1", taints=[{"key": "k", "effect": "NoSchedule"}]),
+    )
+    api.push("nodes", "ADDED", make_node("n9", zone="z1"))
+    eventually(lambda: "n9" in cache.nodes())
+    assert matches()
+    api.push("pods", "MODIFIED", make_pod("c", node="n9", gpus=3, uid="uc2"))  # moved: both change
+    eventually(lambda: cache.usage().get("n9") == 3)
+    assert matches()
+    api.push("nodes", "DELETED", make_node("n0"))
+    api.push("pods", "DELETED", make_pod("w0", worker_of="train", reserved_on="n2", uid="uw"))
+    eventually(lambda: "n0" not in cache.nodes() and "n2" not in cache.usage())
+    assert matches()
+    cache.assume(("ml", "w5"), PodCharge("n3", 5, "uw5", ("ml", "train")))
+    assert {n.name: n.used for n in cache.node_infos()}["n3"] == 5
+    assert matches()
+    cache.forget(("ml", "w5"))
+    assert matches()
+    api.objects["nodes"] = [make_node("n7", zone="z1")]  # a relist replaces every node
+    api.push_raw("nodes", {"type": "ERROR", "object": {"kind": "Status", "code": 410}})
+    eventually(lambda: set(cache.nodes()) == {"n7"})
+    assert matches()
 
 
 def test_stop_ends_a_blocked_watch(api: FakeCoreApi) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Final
 
 from ddl_operator.api import constants as c
@@ -245,6 +246,11 @@ class Ledger:
     def usage(self) -> dict[str, int]:
         """GPUs in use per node (nodes with none left out)."""
         return dict(self._used)
+
+    @property
+    def totals(self) -> Mapping[str, int]:
+        """`usage()` without the copy: read-only, and live (read it under the same lock)."""
+        return MappingProxyType(self._used)
 
     def jobs_on(self, node: str) -> set[JobKey]:
         """The operator's jobs with a worker charged to `node`."""
