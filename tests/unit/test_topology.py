@@ -1,6 +1,8 @@
 """Tests of the topology tree that placement walks: node capacity, domain identity, nesting."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ddl_operator.api.constants import (
     DEFAULT_TOPOLOGY_LEVELS,
@@ -110,3 +112,30 @@ def test_duplicate_node_is_refused() -> None:
 def test_levels_must_start_with_the_node_level() -> None:
     with pytest.raises(ValueError, match=LABEL_HOSTNAME):
         build_tree([node("a")], (LABEL_RACK, LABEL_HOSTNAME))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([None, "a", "b"]),
+            st.sampled_from([None, "r1", "r2", "r3"]),
+        ),
+        max_size=30,
+    )
+)
+def test_every_node_sits_once_under_its_own_path_in_one_sorted_tree(
+    labels: list[tuple[str | None, str | None]],
+) -> None:
+    nodes = [node(f"n{i}", zone, rack) for i, (zone, rack) in enumerate(labels)]
+    root = build_tree(nodes, LEVELS)
+    domains = list(root.walk())
+    assert len({d.path for d in domains}) == len(domains), "a domain appears twice"
+    for domain in domains:
+        assert [c.path for c in domain.children] == sorted(c.path for c in domain.children)
+        assert all(
+            c.path[:-1] == domain.path and c.depth == domain.depth + 1 for c in domain.children
+        )
+        assert (domain.node is not None) == (domain.depth == len(LEVELS))
+    leaves = {d.node.name: d.path for d in domains if d.node is not None}
+    assert leaves == {n.name: domain_path(n.name, n.labels, LEVELS) for n in nodes}

@@ -112,21 +112,27 @@ def build_tree(nodes: Sequence[NodeInfo], levels: Sequence[str]) -> Domain:
         raise ValueError(f"levels must start with {LABEL_HOSTNAME}, got {list(levels)}")
     outer_first = list(reversed(levels))
     root = Domain(depth=0, path=(), level=None)
-    index: dict[tuple[str, ...], Domain] = {(): root}
     names = [node.name for node in nodes]
     if len(set(names)) != len(names):
         raise ValueError("a node appears twice in the snapshot")
-    paths = {node.name: domain_path(node.name, node.labels, levels) for node in nodes}
-    for node in sorted(nodes, key=lambda n: paths[n.name]):
-        path = paths[node.name]
-        parent = root
-        for depth in range(1, len(path) + 1):
-            prefix = path[:depth]
-            domain = index.get(prefix)
-            if domain is None:
-                domain = Domain(depth=depth, path=prefix, level=outer_first[depth - 1])
-                index[prefix] = domain
-                parent.children.append(domain)
-            parent = domain
-        parent.node = node
+    # In path order a domain's nodes come together: keep the open domains of the previous
+    # node (one per depth) and open only those where this node's path differs. Paths end
+    # with the node's unique name, so no two are equal.
+    placed = sorted(
+        ((domain_path(node.name, node.labels, levels), node) for node in nodes),
+        key=lambda entry: entry[0],
+    )
+    open_domains = [root]
+    previous: tuple[str, ...] = ()
+    for path, node in placed:
+        shared = 0
+        while shared < len(previous) and previous[shared] == path[shared]:
+            shared += 1
+        del open_domains[shared + 1 :]
+        for depth in range(shared + 1, len(path) + 1):
+            domain = Domain(depth=depth, path=path[:depth], level=outer_first[depth - 1])
+            open_domains[-1].children.append(domain)
+            open_domains.append(domain)
+        open_domains[-1].node = node
+        previous = path
     return root
