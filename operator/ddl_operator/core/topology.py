@@ -65,11 +65,11 @@ def domain_path(node: str, labels: Mapping[str, str], levels: Sequence[str]) -> 
     """
     own = _OWN_DOMAIN_PREFIX + node  # inlined domain_key: this runs for every node
     return tuple(
-        node if level == LABEL_HOSTNAME else labels.get(level, own) for level in reversed(levels)
+        [node if level == LABEL_HOSTNAME else labels.get(level, own) for level in reversed(levels)]
     )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Domain:
     """A subtree of the topology: the whole cluster, a zone, a rack, ... or one node.
 
@@ -123,13 +123,14 @@ def build_tree(nodes: Sequence[NodeInfo], levels: Sequence[str]) -> Domain:
         key=lambda entry: entry[0],
     )
     open_domains = [root]
-    previous: tuple[str, ...] = ()
+    depths = len(levels)  # every path has one name per level
+    previous: tuple[object, ...] = (object(),) * depths  # shares nothing with the first path
     for path, node in placed:
         shared = 0
-        while shared < len(previous) and previous[shared] == path[shared]:
+        while shared < depths and previous[shared] == path[shared]:
             shared += 1
         del open_domains[shared + 1 :]
-        for depth in range(shared + 1, len(path) + 1):
+        for depth in range(shared + 1, depths + 1):
             domain = Domain(depth=depth, path=path[:depth], level=outer_first[depth - 1])
             open_domains[-1].children.append(domain)
             open_domains.append(domain)
